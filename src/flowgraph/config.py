@@ -1,0 +1,293 @@
+"""Configuration: pydantic models for ``runtime`` and ``models.<name>``.
+
+A config comes from a YAML file, a dict or a ``Config``, plus ``key=value`` overrides::
+
+    >>> cfg = load_config({"runtime": {"num_episode": 2}}, ["models.policy.num_gpu=2"])
+    >>> cfg.runtime.num_episode, cfg.models["policy"].num_gpu
+    (2, 2)
+
+Unknown keys, wrong types and inconsistent batch sizes raise ``ConfigError`` with the
+key's full path, the value given and the valid choices. ``flowgraph.init()`` makes a
+config the current one for the process; ``current_config()`` returns it (defaults when
+``init`` was never called).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flowgraph.errors import ConfigError
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RuntimeConfig(BaseModel):
+    """Settings of the whole run (the ``runtime:`` section)."""
+
+    model_config = _STRICT
+
+    num_episode: int = Field(1, ge=1, description="Episodes to run.")
+    sample_per_episode: int = Field(
+        16, ge=1, description="Dataset samples drawn per episode and streamed through the env."
+    )
+    generation_batch_size: int = Field(
+        8, ge=1, description="Micro-batch size of env and eval flows."
+    )
+    train_micro_batch_size: int = Field(
+        8, ge=1, description="Samples per training micro-batch (per data-parallel rank)."
+    )
+    train_global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per optimizer step, summed over micro-batches and ranks; "
+        "default: sample_per_episode.",
+    )
+    num_training_epoch: int = Field(1, ge=1, description="Passes over each episode's data.")
+    eval_episode_interval: int = Field(
+        0, ge=0, description="Evaluate after every N-th episode (0 = never)."
+    )
+    enable_eval_before_training: bool = Field(
+        False, description="Also evaluate once before the first episode."
+    )
+    save_episode_interval: int = Field(
+        0, ge=0, description="Checkpoint after every N-th episode (0 = never)."
+    )
+    checkpoint_dir: str | None = Field(None, description="Where checkpoints are written.")
+    max_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept.")
+    seed: int = Field(1234, description="Seed of data order and of every rank's RNGs.")
+    colocation: list[list[str]] | Literal["auto"] = Field(
+        default_factory=list,
+        description="Groups of model names that share devices, or 'auto'.",
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="Seconds before a silent rank is reported as stuck."
+    )
+    log_dir: str | None = Field(None, description="Where metrics.jsonl is written.")
+    log_episodes: bool = Field(True, description="Print one line per episode.")
+
+    @model_validator(mode="after")
+    def _batch_sizes_agree(self) -> RuntimeConfig:
+        global_bs = self.train_global_batch_size
+        if global_bs is None:
+            return self
+        if global_bs % self.train_micro_batch_size:
+            raise ValueError(
+                f"train_global_batch_size ({global_bs}) must be a multiple of "
+                f"train_micro_batch_size ({self.train_micro_batch_size}); "
+                f"e.g. set train_global_batch_size="
+                f"{max(1, global_bs // self.train_micro_batch_size) * self.train_micro_batch_size}"
+            )
+        if global_bs > self.sample_per_episode:
+            raise ValueError(
+                f"train_global_batch_size ({global_bs}) must not exceed sample_per_episode "
+                f"({self.sample_per_episode}): an episode would not fill one optimizer step"
+            )
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """``train_global_batch_size`` with its default applied."""
+        return self.train_global_batch_size or self.sample_per_episode
+
+
+class ModelConfig(BaseModel):
+    """Settings of one model (the ``models.<name>:`` section)."""
+
+    model_config = _STRICT
+
+    num_gpu: int | Literal["auto"] = Field(
+        "auto", description="Devices in this model's mesh, or 'auto' for the compiler."
+    )
+    trainable: bool | None = Field(
+        None, description="Force trainable; default: trained when a Trainer flow calls it."
+    )
+    generation_batch_size: int | None = Field(
+        None, ge=1, description="Largest batch this model is called with (chunks larger ones)."
+    )
+    sync_frequency: int = Field(
+        1, ge=1, description="Receive parameter sync after every N-th episode."
+    )
+    backend: Literal["torch", "deepspeed"] = Field("torch", description="Training backend.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    offload: bool = Field(False, description="Free device memory between stages.")
+    params: str | int | None = Field(
+        None, description="Parameter count for the cost model, e.g. 7B or 350M."
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form arguments for the user's module."
+    )
+
+    @model_validator(mode="after")
+    def _positive_mesh(self) -> ModelConfig:
+        if isinstance(self.num_gpu, int) and self.num_gpu < 1:
+            raise ValueError(f"num_gpu must be >= 1 or 'auto', got {self.num_gpu}")
+        return self
+
+
+class Config(BaseModel):
+    """The whole configuration: ``runtime`` plus one ``ModelConfig`` per model name."""
+
+    model_config = _STRICT
+
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    def model(self, name: str) -> ModelConfig:
+        """The settings of model ``name`` (defaults when the config does not mention it)."""
+        return self.models.get(name) or ModelConfig()
+
+    def __str__(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False).rstrip()
+
+
+def load_config(
+    config: str | Path | Mapping[str, Any] | Config | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Build a ``Config`` from a YAML path, a dict or a ``Config``, then apply overrides.
+
+    ``overrides`` are ``"section.key=value"`` strings; values are parsed as YAML
+    (``3``, ``true``, ``[a, b]``). Raises ``ConfigError`` naming the key on any problem.
+    """
+    data = _as_dict(config)
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, data)) from None
+
+
+def _as_dict(config: str | Path | Mapping[str, Any] | Config | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, Config):
+        return config.model_dump()
+    if isinstance(config, Mapping):
+        return _deep_copy(config)
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping with 'runtime:' and 'models:', "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            f"override {override!r} is not key=value; write e.g. runtime.num_episode=3"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {override!r}: {where} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError, data: Mapping[str, Any]) -> str:
+    lines = ["invalid configuration:"]
+    for problem in err.errors():
+        loc = [str(p) for p in problem["loc"]]
+        where = ".".join(loc) or "config"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key; {_valid_keys_hint(loc)}")
+        elif problem["type"] == "value_error":
+            msg = str(problem["msg"]).removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg}")
+        else:
+            lines.append(f"  {where}: {problem['msg']} (got {_lookup(data, loc)!r})")
+    return "\n".join(lines)
+
+
+def _valid_keys_hint(loc: list[str]) -> str:
+    model = _section_model(loc[:-1])
+    if model is None:
+        return "check the spelling"
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}valid keys: {', '.join(valid)}"
+
+
+def _section_model(section: list[str]) -> type[BaseModel] | None:
+    if not section:
+        return Config
+    if section == ["runtime"]:
+        return RuntimeConfig
+    if len(section) == 2 and section[0] == "models":
+        return ModelConfig
+    return None
+
+
+def _lookup(data: Mapping[str, Any], loc: list[str]) -> Any:
+    node: Any = data
+    for part in loc:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+_current: Config | None = None
+
+
+def init(
+    config: str | Path | Mapping[str, Any] | Config | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Make a configuration the current one for this process; call once before ``learn()``.
+
+    Example::
+
+        import sys, flowgraph
+        flowgraph.init("train.yaml", sys.argv[1:])   # e.g. runtime.num_episode=3
+    """
+    global _current
+    _current = load_config(config, overrides)
+    return _current
+
+
+def current_config() -> Config:
+    """The configuration set by ``init()``, or the defaults when it was never called."""
+    return _current if _current is not None else Config()
+
+
+def reset_config() -> None:
+    """Forget the configuration set by ``init()`` (tests use this)."""
+    global _current
+    _current = None

@@ -1,0 +1,254 @@
+"""Batches: collate, split, concatenate and merge along the sample axis (dim 0).
+
+A batch is a ``dict[str, Tensor | list]`` whose values all have the same length on dim 0::
+
+    >>> b = collate([{"x": torch.zeros(2), "s": "a"}, {"x": torch.ones(2), "s": "b"}])
+    >>> b["x"].shape, b["s"]
+    (torch.Size([2, 2]), ['a', 'b'])
+    >>> [batch_size(p) for p in split(concat([b, b]), 3)]
+    [3, 1]
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from flowgraph.errors import BatchMergeError, DataError
+
+Batch = dict[str, Any]
+
+
+def to_sample(item: Any, index: int) -> dict[str, Any]:
+    """One dataset entry as a sample dict: a str becomes ``{"prompt": s}``."""
+    if isinstance(item, str):
+        return {"prompt": item}
+    if isinstance(item, Mapping):
+        if not all(isinstance(k, str) for k in item):
+            raise DataError(f"dataset sample {index} has non-string keys: {list(item)!r}")
+        return dict(item)
+    raise DataError(
+        f"dataset sample {index} is a {type(item).__name__}; a sample must be a dict "
+        f"(str -> tensor, number, str, list) or a str (it becomes {{'prompt': s}})"
+    )
+
+
+def collate(samples: Sequence[Mapping[str, Any]]) -> Batch:
+    """Samples into one batch: equal-shape tensors stacked on a new dim 0, the rest lists."""
+    if not samples:
+        raise DataError("cannot collate an empty list of samples")
+    keys = list(samples[0])
+    for i, sample in enumerate(samples):
+        if list(sample) != keys and set(sample) != set(keys):
+            raise DataError(
+                f"sample {i} has keys {sorted(sample)} but sample 0 has {sorted(keys)}; "
+                "every sample in a dataset needs the same keys"
+            )
+    batch: Batch = {}
+    for key in keys:
+        values = [s[key] for s in samples]
+        if all(isinstance(v, torch.Tensor) for v in values) and _same_shape(values):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+def _same_shape(tensors: Sequence[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return all(t.shape == first.shape and t.dtype == first.dtype for t in tensors)
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """Number of samples in ``batch``; raises ``DataError`` when its values disagree."""
+    sizes = {key: _length(key, value) for key, value in batch.items()}
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        detail = ", ".join(f"{k}: {n}" for k, n in sizes.items())
+        raise DataError(f"batch values have different lengths on dim 0 ({detail})")
+    return distinct.pop() if distinct else 0
+
+
+def _length(key: str, value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            raise DataError(
+                f"batch key {key!r} holds a 0-dim tensor; batch values need a sample "
+                "axis (dim 0): use a tensor of shape [batch, ...] or a list"
+            )
+        return value.shape[0]
+    if isinstance(value, list | tuple):
+        return len(value)
+    raise DataError(
+        f"batch key {key!r} holds a {type(value).__name__}; batch values must be "
+        "tensors or lists with one entry per sample"
+    )
+
+
+def select(batch: Mapping[str, Any], index: Sequence[int] | slice) -> Batch:
+    """Rows ``index`` of every value of ``batch`` (a slice or a list of sample indices)."""
+    out: Batch = {}
+    for key, value in batch.items():
+        if isinstance(index, slice):
+            out[key] = value[index]
+        elif isinstance(value, torch.Tensor):
+            out[key] = value[torch.as_tensor(list(index), dtype=torch.long)]
+        else:
+            out[key] = [value[i] for i in index]
+    return out
+
+
+def split(batch: Mapping[str, Any], size: int) -> list[Batch]:
+    """``batch`` cut into consecutive pieces of ``size`` samples (the last may be shorter)."""
+    if size < 1:
+        raise DataError(f"split size must be >= 1, got {size}")
+    total = batch_size(batch)
+    return [select(batch, slice(start, start + size)) for start in range(0, total, size)]
+
+
+def concat(batches: Sequence[Mapping[str, Any]]) -> Batch:
+    """Batches joined along dim 0; tensors whose trailing shapes differ become lists."""
+    if not batches:
+        raise DataError("cannot concatenate an empty list of batches")
+    if len(batches) == 1:
+        return dict(batches[0])
+    keys = list(batches[0])
+    for i, b in enumerate(batches[1:], start=1):
+        if set(b) != set(keys):
+            raise DataError(
+                f"cannot concatenate batches with different keys: batch 0 has "
+                f"{sorted(keys)}, batch {i} has {sorted(b)}"
+            )
+    out: Batch = {}
+    for key in keys:
+        parts = [b[key] for b in batches]
+        if all(isinstance(p, torch.Tensor) for p in parts) and _cat_compatible(parts):
+            out[key] = torch.cat(parts)
+        else:
+            out[key] = [row for part in parts for row in _rows(part)]
+    return out
+
+
+def _cat_compatible(parts: Sequence[torch.Tensor]) -> bool:
+    first = parts[0]
+    return all(p.shape[1:] == first.shape[1:] and p.dtype == first.dtype for p in parts)
+
+
+def _rows(value: Any) -> list[Any]:
+    return list(value.unbind(0)) if isinstance(value, torch.Tensor) else list(value)
+
+
+def merge_inputs(inputs: Sequence[Mapping[str, Any]], producers: Sequence[str]) -> Batch:
+    """The union of a model's input batches, in argument order.
+
+    A key present in two inputs must hold equal values (the common case: every model
+    returns ``{**data, new_key: ...}``); unequal values raise ``BatchMergeError`` that
+    names the key and both producers.
+    """
+    if len(inputs) == 1:
+        return dict(inputs[0])
+    merged: Batch = {}
+    owner: dict[str, str] = {}
+    for batch, producer in zip(inputs, producers, strict=True):
+        for key, value in batch.items():
+            if key in merged and not _equal(merged[key], value):
+                raise BatchMergeError(
+                    f"key {key!r} comes from both {owner[key]} and {producer} with "
+                    f"different values; rename it in one of them (the model receives one "
+                    f"dict, the union of its inputs)"
+                )
+            if key not in merged:
+                merged[key] = value
+                owner[key] = producer
+    return merged
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+class Dataset:
+    """A user's sample list, drawn from in a seeded order that depends only on
+    ``(seed, position)``: the same samples on every rank and after a resume.
+
+    Example::
+
+        >>> ds = Dataset(["a", "b", "c"], seed=0)
+        >>> len(ds.draw(start=0, count=5))    # wraps into a new shuffled pass
+        5
+    """
+
+    def __init__(self, samples: Any, seed: int, what: str = "dataset") -> None:
+        if isinstance(samples, str | bytes | Mapping) or not isinstance(samples, Sequence):
+            raise DataError(
+                f"{what} must be a list of samples (dicts or strings), "
+                f"got {type(samples).__name__}; e.g. set_dataset([{{'prompt': 'hi'}}, ...])"
+            )
+        if len(samples) == 0:
+            raise DataError(f"{what} is empty; pass at least one sample")
+        self.samples = [to_sample(item, i) for i, item in enumerate(samples)]
+        self.seed = seed
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _order(self, data_epoch: int) -> list[int]:
+        if data_epoch not in self._orders:
+            order = list(range(len(self.samples)))
+            random.Random(self.seed * 1_000_003 + data_epoch).shuffle(order)
+            self._orders = {data_epoch: order}  # one pass at a time is enough
+        return self._orders[data_epoch]
+
+    def draw(self, start: int, count: int) -> list[dict[str, Any]]:
+        """``count`` samples from shuffled position ``start`` on (passes wrap around)."""
+        n = len(self.samples)
+        return [self.samples[self._order(pos // n)[pos % n]] for pos in range(start, start + count)]
+
+
+class StreamDataset:
+    """One episode's environment output, per sample, served as training batches.
+
+    Example::
+
+        >>> stream = StreamDataset([{"x": torch.arange(6)}])
+        >>> [b["x"].tolist() for b in stream.global_batches(4, seed=0, epoch=0)]
+        [[3, 0, 5, 1]]
+    """
+
+    def __init__(self, outputs: Sequence[Mapping[str, Any]]) -> None:
+        self.batch = concat(outputs)
+        self.size = batch_size(self.batch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __str__(self) -> str:
+        return f"StreamDataset({self.size} samples, keys={sorted(self.batch)})"
+
+    def global_batches(self, global_size: int, seed: int, epoch: int) -> Iterator[Batch]:
+        """Shuffled batches of ``global_size`` samples; an incomplete last one is dropped."""
+        if self.size < global_size:
+            raise DataError(
+                f"the episode produced {self.size} samples but one optimizer step needs "
+                f"train_global_batch_size={global_size}; lower train_global_batch_size or "
+                "raise sample_per_episode"
+            )
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for start in range(0, self.size - global_size + 1, global_size):
+            yield select(self.batch, order[start : start + global_size])

@@ -1,0 +1,317 @@
+"""``Engine`` and its three parts: ``Environment``, ``Trainer``, ``Evaluator``.
+
+Each part holds one flow function; the Engine traces them when it is built, so a flow's
+mistakes surface at the user's line before anything runs::
+
+    env = Environment(env_flow)
+    trainer = Trainer(trainer_flow)
+    evaluator = Evaluator(eval_flow).set_dataset(val_prompts)
+    engine = Engine(env, trainer, evaluator) \\
+             .set_parameter_sync(ppo_policy, policy) \\
+             .set_dataset(train_prompts)
+    engine.learn()
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from flowgraph.compiler.graph import TRAIN_METHOD, Graph
+from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
+from flowgraph.config import Config, current_config
+from flowgraph.data import Batch, Dataset
+from flowgraph.errors import ConfigError, EngineError, FlowDefinitionError
+from flowgraph.module import BaseModule
+from flowgraph.runtime.local import EvalJob, LocalJob, LocalRunner
+from flowgraph.runtime.telemetry import EpisodeRecord
+
+
+class _FlowHolder:
+    """A flow function, traced once on first use."""
+
+    role = "flow"
+
+    def __init__(self, flow: Callable[[Any], Any]) -> None:
+        if not callable(flow):
+            raise EngineError(
+                f"{type(self).__name__}(flow): flow must be a function taking one batch, got "
+                f"{type(flow).__name__}; e.g. {type(self).__name__}(env_flow)"
+            )
+        self.flow = flow
+        self._traced: TracedFlow | None = None
+
+    @property
+    def traced(self) -> TracedFlow:
+        if self._traced is None:
+            self._traced = trace_flow(self.flow)
+            self._check(self._traced.graph)
+        return self._traced
+
+    def _check(self, graph: Graph) -> None:
+        for node in graph.calls():
+            if node.method == TRAIN_METHOD:
+                raise FlowDefinitionError(
+                    f"{node.source}: {node.target} in {self.role} flow {graph.name}; training "
+                    "belongs in the Trainer flow (the Environment and Evaluator only infer)"
+                )
+
+
+class Environment(_FlowHolder):
+    """The inference flow that turns dataset samples into training data (the episode's
+    ``StreamDataset``: what the flow returns, per sample).
+
+    Example::
+
+        def env_flow(batch):
+            policy_out = policy.forward_step(batch)
+            return reward.forward_step(policy_out)
+        env = Environment(env_flow)
+    """
+
+    role = "Environment"
+
+
+class Trainer(_FlowHolder):
+    """The training flow: each ``model.train_step(batch)`` in it receives, once per global
+    step, the list of micro-batches of that step.
+
+    Example::
+
+        def trainer_flow(batch):
+            ppo_policy.train_step(batch)
+            ppo_value.train_step(batch)
+        trainer = Trainer(trainer_flow)
+    """
+
+    role = "Trainer"
+
+    def _check(self, graph: Graph) -> None:
+        if not any(n.method == TRAIN_METHOD for n in graph.calls()):
+            raise FlowDefinitionError(
+                f"Trainer flow {graph.name} calls no train_step; call model.train_step(batch) "
+                "for every model it trains"
+            )
+
+
+class Evaluator(_FlowHolder):
+    """The evaluation flow and its dataset. Override ``post_process`` (or pass it) to turn
+    the flow's outputs into metrics.
+
+    Example::
+
+        def eval_flow(batch):
+            return reward.eval_step(policy.eval_step(batch))
+        evaluator = Evaluator(eval_flow).set_dataset(val_prompts)
+    """
+
+    role = "Evaluator"
+
+    def __init__(
+        self,
+        flow: Callable[[Any], Any],
+        post_process: Callable[[list[Batch]], Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(flow)
+        self.samples: list[Any] | None = None
+        if post_process is not None:
+            self.post_process = post_process  # type: ignore[method-assign]
+
+    def set_dataset(self, samples: list[Any]) -> Evaluator:
+        """Use ``samples`` (dicts or strings) as the evaluation set; returns ``self``."""
+        Dataset(samples, seed=0, what="Evaluator dataset")  # validate now, at the user's line
+        self.samples = samples
+        return self
+
+    def post_process(self, results: list[Batch]) -> dict[str, Any]:
+        """Metrics from the flow's outputs (one dict batch per micro-batch).
+
+        Default: ``num_samples`` and the mean of every per-sample float value (1-D
+        floating-point tensors, e.g. ``reward``).
+        """
+        metrics: dict[str, Any] = {"num_samples": sum(_rows(r) for r in results)}
+        keys = dict.fromkeys(k for r in results for k in r)
+        for key in keys:
+            values = [r[key] for r in results if isinstance(r.get(key), torch.Tensor)]
+            if len(values) == len(results) and all(
+                v.dim() == 1 and v.is_floating_point() for v in values
+            ):
+                metrics[key] = float(torch.cat(values).mean())
+        return metrics
+
+
+def _rows(batch: Batch) -> int:
+    first = next(iter(batch.values()), [])
+    return len(first)
+
+
+class Engine:
+    """Trains models with an environment flow, a trainer flow and an optional evaluator.
+
+    Subclass it to package a flow (``super().__init__(env, trainer)``), or use it directly.
+    ``learn()`` runs ``runtime.num_episode`` episodes with the configuration set by
+    ``flowgraph.init()`` and returns one ``EpisodeRecord`` per episode.
+
+    Example::
+
+        engine = Engine(Environment(env_flow), Trainer(trainer_flow)) \\
+                 .set_parameter_sync(ppo_policy, policy) \\
+                 .set_dataset(["1+1=", "2+3="])
+        for record in engine.learn():
+            print(record)
+    """
+
+    def __init__(
+        self,
+        environment: Environment | None = None,
+        trainer: Trainer | None = None,
+        evaluator: Evaluator | None = None,
+    ) -> None:
+        self.environment = _expect(environment, Environment, "environment")
+        self.trainer = _expect(trainer, Trainer, "trainer")
+        if self.environment is None and self.trainer is None:
+            raise EngineError("Engine needs an Environment, a Trainer or both")
+        self.evaluator: Evaluator | None = None
+        self.modules: dict[str, BaseModule] = {}
+        self.syncs: list[tuple[BaseModule, BaseModule]] = []
+        self.samples: list[Any] | None = None
+        for part in (self.environment, self.trainer):
+            if part is not None:
+                self._adopt(part.traced)
+        if self.environment is not None and self.trainer is not None:
+            graph = self.environment.traced.graph
+            if graph.returned is None:
+                raise FlowDefinitionError(
+                    f"Environment flow {graph.name} returns nothing, but the Trainer needs its "
+                    "data: return the last model output, e.g. return reward_out"
+                )
+        if evaluator is not None:
+            self.set_evaluator(evaluator)
+
+    def _adopt(self, traced: TracedFlow) -> None:
+        for module in traced.modules.values():
+            bind_module(self.modules, module, f"in flow {traced.graph.name}")
+
+    def set_evaluator(self, evaluator: Evaluator) -> Engine:
+        """Evaluate with ``evaluator`` every ``runtime.eval_episode_interval`` episodes."""
+        self.evaluator = _expect(evaluator, Evaluator, "evaluator")
+        self._adopt(evaluator.traced)
+        return self
+
+    def set_dataset(self, samples: list[Any]) -> Engine:
+        """Train on ``samples``: a list of dicts (str -> tensor, number, str, list) or strs."""
+        Dataset(samples, seed=0, what="Engine dataset")  # validate now, at the user's line
+        self.samples = samples
+        return self
+
+    def set_parameter_sync(self, src: BaseModule, dst: BaseModule) -> Engine:
+        """Copy ``src``'s trained weights into ``dst`` after training (every
+        ``models.<dst>.sync_frequency`` episodes) and once before the first episode."""
+        for side, module in (("src", src), ("dst", dst)):
+            if not isinstance(module, BaseModule):
+                raise EngineError(
+                    f"set_parameter_sync: {side} is a {type(module).__name__}, not a "
+                    "BaseModule; pass the module objects used in the flows, e.g. "
+                    "set_parameter_sync(ppo_policy, policy)"
+                )
+            if self.modules.get(module.name) is not module:
+                raise EngineError(
+                    f"set_parameter_sync: {module!r} is not called by any flow of this Engine "
+                    f"(its models: {', '.join(self.modules) or 'none'})"
+                )
+        if src is dst:
+            raise EngineError(f"set_parameter_sync({src.name}, {dst.name}): src and dst are one")
+        for s, d in self.syncs:
+            if d is dst:
+                raise EngineError(
+                    f"set_parameter_sync: {dst.name} already receives from {s.name}; a model "
+                    "receives parameters from one source"
+                )
+        self.syncs.append((src, dst))
+        return self
+
+    def graphs(self) -> dict[str, Graph]:
+        """The traced graphs by role: ``env``, ``trainer``, ``eval``."""
+        parts = {"env": self.environment, "trainer": self.trainer, "eval": self.evaluator}
+        return {role: p.traced.graph for role, p in parts.items() if p is not None}
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(g) for g in self.graphs().values())
+
+    def trainable_models(self, config: Config) -> list[str]:
+        """Models a Trainer flow trains, plus those with ``trainable: true``."""
+        trained = set()
+        if self.trainer is not None:
+            graph = self.trainer.traced.graph
+            trained = {n.model for n in graph.calls() if n.method == TRAIN_METHOD}
+        return [
+            name
+            for name in self.modules
+            if config.model(name).trainable
+            or (name in trained and config.model(name).trainable is not False)
+        ]
+
+    def check_config(self, config: Config) -> None:
+        """Reject ``models.<name>`` sections for names no flow of this Engine calls."""
+        for name in config.models:
+            if name not in self.modules:
+                close = difflib.get_close_matches(name, list(self.modules), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(
+                    f"models.{name}: no model named {name!r} in this Engine; {hint}"
+                    f"its models are: {', '.join(self.modules)}"
+                )
+
+    def learn(self) -> list[EpisodeRecord]:
+        """Run all episodes in this process and return their records."""
+        config = current_config()
+        self.check_config(config)
+        if self.samples is None:
+            raise EngineError("no training data: call engine.set_dataset(train_prompts) first")
+        if self.evaluator is not None and self.evaluator.samples is None:
+            raise EngineError(
+                "the Evaluator has no dataset: Evaluator(eval_flow).set_dataset(val_prompts)"
+            )
+        trainable = set(self.trainable_models(config))
+        for module in self.modules.values():
+            module.config = config
+            module.trainable = module.name in trainable
+        job = LocalJob(
+            config=config,
+            modules=self.modules,
+            dataset=Dataset(self.samples, seed=config.runtime.seed),
+            env=self.environment.traced.graph if self.environment else None,
+            trainer=self.trainer.traced.graph if self.trainer else None,
+            eval=self._eval_job(config),
+            syncs=self.syncs,
+        )
+        return LocalRunner(job).run()
+
+    def _eval_job(self, config: Config) -> EvalJob | None:
+        if self.evaluator is None:
+            return None
+        if (
+            config.runtime.eval_episode_interval == 0
+            and not config.runtime.enable_eval_before_training
+        ):
+            print(
+                "flowgraph: an Evaluator is set but runtime.eval_episode_interval is 0, so it "
+                "never runs; set runtime.eval_episode_interval=N to evaluate every N episodes"
+            )
+        return EvalJob(
+            graph=self.evaluator.traced.graph,
+            dataset=Dataset(self.evaluator.samples, seed=config.runtime.seed),
+            post_process=self.evaluator.post_process,
+        )
+
+
+def _expect(value: Any, kind: type, what: str) -> Any:
+    if value is not None and not isinstance(value, kind):
+        raise EngineError(
+            f"Engine {what} must be a {kind.__name__} or None, got {type(value).__name__}; "
+            f"wrap the flow function: {kind.__name__}({what}_flow)"
+        )
+    return value

@@ -1,0 +1,180 @@
+"""Models as users write them: ``BaseModule`` and ``TorchModule``.
+
+A module is built cheaply on every rank (``__init__`` only stores the name); its heavy
+state is created in ``setup()``, which runs once, and only where the plan places it.
+Step methods take a dict batch and return a dict batch (``train_step`` takes a list of
+micro-batch dicts and may return a metrics dict)::
+
+    class PolicyInference(TorchModule):
+        def setup(self):
+            self.model = torch.nn.Linear(4, 1)
+        def forward_step(self, data):
+            return {**data, "action": self.model(data["x"])}
+
+    policy = PolicyInference("policy")      # configured under models.policy
+
+Inside a flow being traced, calling a public method with a batch records a graph node
+instead of running it (see ``flowgraph.compiler.trace``); outside tracing the method runs
+as written.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from flowgraph.compiler import trace as _trace
+from flowgraph.config import Config, ModelConfig, RuntimeConfig, current_config
+from flowgraph.errors import EngineError
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+# Public methods of the framework's own API: never recorded as model calls.
+_NOT_RECORDED = frozenset(
+    {"setup", "map_sync_name", "missing_step_method", "sync_parameters", "parameter_count"}
+)
+
+
+def _recordable(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a module method so that a traced flow records it instead of running it."""
+    if getattr(method, "__flowgraph_recordable__", False):
+        return method
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self: BaseModule, *args: Any, **kwargs: Any) -> Any:
+        tracer = _trace.active
+        if tracer is not None and tracer.intercepts(name, args, kwargs):
+            return tracer.record_call(self, name, args, kwargs)
+        return method(self, *args, **kwargs)
+
+    call.__flowgraph_recordable__ = True  # type: ignore[attr-defined]
+    return call
+
+
+class BaseModule:
+    """A model of a flow, named so that ``models.<name>`` in the config configures it.
+
+    Subclasses define ``setup()`` and any of ``forward_step(data)``,
+    ``train_step(micro_batches)``, ``eval_step(data)`` (default: ``forward_step``).
+
+    Example::
+
+        >>> class Doubler(BaseModule):
+        ...     def forward_step(self, data):
+        ...         return {"y": [2 * v for v in data["x"]]}
+        >>> Doubler("doubler").forward_step({"x": [1, 2]})
+        {'y': [2, 4]}
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr, value in list(vars(cls).items()):
+            if inspect.isfunction(value) and not attr.startswith("_") and attr not in _NOT_RECORDED:
+                setattr(cls, attr, _recordable(value))
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise EngineError(
+                f"{type(self).__name__}({name!r}): a module name must be a non-empty "
+                "identifier (letters, digits, '_' or '-', not starting with a digit) since "
+                "it is the config key models.<name>"
+            )
+        self.name = name
+        self.config: Config | None = None  # set by the Engine before setup()
+        self.trainable = False  # set by the Engine: a Trainer flow calls this module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """This model's ``models.<name>`` section (free-form settings in ``.args``)."""
+        return (self.config or current_config()).model(self.name)
+
+    @property
+    def runtime_config(self) -> RuntimeConfig:
+        """The run's ``runtime`` section."""
+        return (self.config or current_config()).runtime
+
+    def setup(self) -> None:
+        """Build the model (weights, optimizer). Runs once, on the ranks hosting it."""
+
+    def forward_step(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Inference on one micro-batch; returns a dict batch."""
+        raise NotImplementedError(f"{type(self).__name__} does not define forward_step")
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float] | None:
+        """One optimizer step over a global batch given as micro-batches; may return metrics."""
+        raise NotImplementedError(f"{type(self).__name__} does not define train_step")
+
+    def eval_step(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Evaluation on one micro-batch; defaults to ``forward_step``."""
+        return self.forward_step(data)
+
+    def map_sync_name(self, src_name: str) -> str | None:
+        """Name of this module's parameter that receives source parameter ``src_name``
+        in a parameter sync, or ``None`` to skip it. Default: the same name."""
+        return src_name
+
+    def missing_step_method(self, method: str) -> str | None:
+        """Why ``method`` cannot be called on this module, or ``None`` when it can."""
+        cls = type(self)
+        if not callable(getattr(cls, method, None)):
+            return f"{cls.__name__} has no method {method!r}"
+        defined = {
+            m
+            for m in ("forward_step", "train_step", "eval_step")
+            if getattr(cls, m) is not getattr(BaseModule, m)
+        }
+        if method in ("forward_step", "train_step") and method not in defined:
+            what = "a list of micro-batch dicts" if method == "train_step" else "a dict batch"
+            return f"{cls.__name__} does not define {method} (it receives {what})"
+        if method == "eval_step" and not defined & {"eval_step", "forward_step"}:
+            return f"{cls.__name__} defines neither eval_step nor forward_step"
+        return None
+
+
+for _step in ("forward_step", "train_step", "eval_step"):
+    setattr(BaseModule, _step, _recordable(getattr(BaseModule, _step)))
+
+
+class TorchModule(BaseModule):
+    """A module whose network is a ``torch.nn.Module`` in ``self.model``.
+
+    Build ``self.model`` (and, when trained, ``self.optimizer``) in ``setup()``;
+    parameter sync, checkpoints and offload act on them.
+
+    Example::
+
+        >>> class ValueTrainer(TorchModule):
+        ...     def setup(self):
+        ...         self.model = torch.nn.Linear(4, 1)
+        ...         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        >>> v = ValueTrainer("ppo_value"); v.setup(); v.parameter_count()
+        5
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def sync_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` pairs that parameter sync reads from or writes into."""
+        network = self.model
+        if network is None:
+            raise EngineError(
+                f"{self!r} has no self.model after setup(); parameter sync needs setup() "
+                "to assign a torch.nn.Module to self.model"
+            )
+        network = getattr(network, "module", network)  # DDP keeps the user's net in .module
+        return iter(network.named_parameters())
+
+    def parameter_count(self) -> int:
+        """Number of parameters in ``self.model``."""
+        return sum(t.numel() for _, t in self.sync_parameters())

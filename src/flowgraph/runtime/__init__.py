@@ -1,0 +1,1 @@
+"""The runtime: executes traced graphs and plans (one process today, SPMD under torchrun)."""

@@ -1,0 +1,152 @@
+"""The episode loop in one process: every model lives here (world size 1).
+
+Per episode: draw ``sample_per_episode`` samples, stream micro-batches of
+``generation_batch_size`` through the env graph, train on the resulting
+``StreamDataset`` for ``num_training_epoch`` passes of global steps, sync parameters
+into the inference copies whose ``sync_frequency`` divides the episode number, evaluate
+when ``eval_episode_interval`` divides it, then log one line.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flowgraph.compiler.graph import Graph
+from flowgraph.config import Config
+from flowgraph.data import Batch, Dataset, StreamDataset, collate, split
+from flowgraph.module import BaseModule
+from flowgraph.runtime.graph_runner import GraphRunner
+from flowgraph.runtime.sync import SyncPlan
+from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
+
+
+@dataclass
+class EvalJob:
+    """An eval graph, its dataset and the function that turns outputs into metrics."""
+
+    graph: Graph
+    dataset: Dataset
+    post_process: Callable[[list[Batch]], Mapping[str, Any]]
+
+
+@dataclass
+class LocalJob:
+    """Everything one process needs to run ``learn()``."""
+
+    config: Config
+    modules: Mapping[str, BaseModule]
+    dataset: Dataset
+    env: Graph | None
+    trainer: Graph | None
+    eval: EvalJob | None
+    syncs: Sequence[tuple[BaseModule, BaseModule]]
+    log: Callable[[str], None] = print
+
+
+class LocalRunner:
+    """Runs a ``LocalJob`` episode by episode; ``run()`` returns the episode records."""
+
+    def __init__(self, job: LocalJob) -> None:
+        self.job = job
+        self.runtime = job.config.runtime
+        self.env = GraphRunner(job.env, job.modules, "env") if job.env else None
+        self.trainer = GraphRunner(job.trainer, job.modules, "train") if job.trainer else None
+        self.evaluator = GraphRunner(job.eval.graph, job.modules, "eval") if job.eval else None
+        self.metrics_log = MetricsLog(self.runtime.log_dir)
+        self.sync_plans: list[SyncPlan] = []
+        self.history: list[EpisodeRecord] = []
+
+    def run(self) -> list[EpisodeRecord]:
+        self._seed_everything()
+        for module in self.job.modules.values():
+            module.setup()
+        self.sync_plans = [SyncPlan.build(src, dst) for src, dst in self.job.syncs]
+        for plan in self.sync_plans:
+            plan.apply()  # inference copies start from the trainer's weights
+        if self.evaluator and self.runtime.enable_eval_before_training:
+            record = self._new_record(0)
+            self._evaluate(record)
+            self._finish(record)
+        for episode in range(1, self.runtime.num_episode + 1):
+            self._finish(self.run_episode(episode))
+        return self.history
+
+    def run_episode(self, episode: int) -> EpisodeRecord:
+        record = self._new_record(episode)
+        timer = StageTimer()
+        samples = self.job.dataset.draw(
+            (episode - 1) * self.runtime.sample_per_episode, self.runtime.sample_per_episode
+        )
+        record.samples = len(samples)
+        with timer.stage("env"):
+            outputs = self._run_env(samples, timer)
+        if self.trainer is not None:
+            with timer.stage("train"):
+                self._train(StreamDataset(outputs), episode, timer, record)
+        due = [p for p in self.sync_plans if episode % self._sync_frequency(p) == 0]
+        if due:
+            with timer.stage("sync"):
+                for plan in due:
+                    plan.apply()
+        record.stages.update(timer.seconds)
+        interval = self.runtime.eval_episode_interval
+        if self.evaluator and interval and episode % interval == 0:
+            self._evaluate(record)
+        return record
+
+    def _run_env(self, samples: list[dict[str, Any]], timer: StageTimer) -> list[Batch]:
+        micro_batches = [
+            collate(samples[i : i + self.runtime.generation_batch_size])
+            for i in range(0, len(samples), self.runtime.generation_batch_size)
+        ]
+        if self.env is None:
+            return micro_batches
+        outputs = [self.env.run_inference(mb, timer) for mb in micro_batches]
+        return [out for out in outputs if out is not None]
+
+    def _train(
+        self, stream: StreamDataset, episode: int, timer: StageTimer, record: EpisodeRecord
+    ) -> None:
+        metrics = MetricAverager()
+        global_size = self.runtime.global_batch_size
+        for epoch in range(self.runtime.num_training_epoch):
+            seed = self.runtime.seed + episode
+            for global_batch in stream.global_batches(global_size, seed=seed, epoch=epoch):
+                micro = split(global_batch, self.runtime.train_micro_batch_size)
+                self.trainer.run_train(micro, timer, metrics)
+        record.metrics.update(metrics.means())
+
+    def _evaluate(self, record: EpisodeRecord) -> None:
+        job = self.job.eval
+        timer = StageTimer()
+        with timer.stage("eval"):
+            size = self.runtime.generation_batch_size
+            samples = job.dataset.samples
+            results = [
+                self.evaluator.run_inference(collate(samples[i : i + size]), timer)
+                for i in range(0, len(samples), size)
+            ]
+            metrics = job.post_process([r for r in results if r is not None])
+        record.stages.update(timer.seconds)
+        record.metrics.update({f"eval/{k}": v for k, v in (metrics or {}).items()})
+
+    def _sync_frequency(self, plan: SyncPlan) -> int:
+        return self.job.config.model(plan.dst).sync_frequency
+
+    def _new_record(self, episode: int) -> EpisodeRecord:
+        return EpisodeRecord(episode, self.runtime.num_episode, samples=0)
+
+    def _finish(self, record: EpisodeRecord) -> None:
+        self.history.append(record)
+        self.metrics_log.write(record)
+        if self.runtime.log_episodes:
+            self.job.log(str(record))
+
+    def _seed_everything(self) -> None:
+        random.seed(self.runtime.seed)
+        torch.manual_seed(self.runtime.seed)

@@ -1,0 +1,131 @@
+"""Timers and episode records: what the episode log line and metrics.jsonl show.
+
+Example::
+
+    >>> timer = StageTimer()
+    >>> with timer.stage("env/policy"):
+    ...     pass
+    >>> sorted(timer.seconds)
+    ['env/policy']
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class StageTimer:
+    """Wall-clock seconds summed per stage name (``env``, ``env/policy``, ``train``, ...)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+class MetricAverager:
+    """Means of the numeric metrics that ``train_step`` calls return, per model."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def add(self, model: str, metrics: Mapping[str, Any] | None) -> None:
+        for key, value in (metrics or {}).items():
+            number = _as_number(value)
+            if number is not None:
+                self._sums[f"{model}/{key}"] += number
+                self._counts[f"{model}/{key}"] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self._sums[k] / self._counts[k] for k in self._sums}
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value)
+    if hasattr(value, "numel") and value.numel() == 1:
+        return float(value.item())
+    return None
+
+
+@dataclass
+class EpisodeRecord:
+    """What one episode did: stage times in seconds, metrics, sample counts.
+
+    ``str(record)`` is the episode's log line::
+
+        episode 2/3 | 32 samples 410.2/s | env 0.061s (policy 0.031s, reward 0.010s) |
+        train 0.012s | sync 0.001s | ppo_policy/loss -0.1234
+    """
+
+    episode: int
+    num_episode: int
+    samples: int
+    stages: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(v for k, v in self.stages.items() if "/" not in k)
+
+    def __str__(self) -> str:
+        if self.episode == 0:
+            parts = ["before training"]
+        else:
+            rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+            parts = [
+                f"episode {self.episode}/{self.num_episode}",
+                f"{self.samples} samples {rate:.0f}/s",
+            ]
+        for stage in ("env", "train", "sync", "eval"):
+            if stage not in self.stages:
+                continue
+            detail = ", ".join(
+                f"{k.split('/', 1)[1]} {v:.3f}s"
+                for k, v in self.stages.items()
+                if k.startswith(stage + "/")
+            )
+            text = f"{stage} {self.stages[stage]:.3f}s"
+            parts.append(f"{text} ({detail})" if detail else text)
+        parts.extend(f"{k} {v:.4g}" for k, v in sorted(self.metrics.items()))
+        return " | ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "episode": self.episode,
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "stages": self.stages,
+            "metrics": self.metrics,
+        }
+
+
+class MetricsLog:
+    """Appends one JSON object per episode to ``log_dir/metrics.jsonl`` (when a dir is set)."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.path = Path(log_dir) / "metrics.jsonl" if log_dir else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: EpisodeRecord) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
