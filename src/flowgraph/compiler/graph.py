@@ -98,7 +98,7 @@ class Graph:
     meta: dict[str, dict] = field(default_factory=dict)
 
     def add(self, node: Node) -> Node:
-        if node.name in self.dag:
+        if "node" in self.dag.nodes.get(node.name, {}):
             raise FlowDefinitionError(f"graph {self.name}: node name {node.name!r} used twice")
         self.dag.add_node(node.name, node=node)
         for producer in node.inputs:
@@ -108,7 +108,7 @@ class Graph:
 
     def __iter__(self) -> Iterator[Node]:
         """Nodes in recording order (a topological order by construction)."""
-        return (data["node"] for _, data in self.dag.nodes(data=True))
+        return (data["node"] for _, data in self.dag.nodes(data=True) if "node" in data)
 
     def __len__(self) -> int:
         return self.dag.number_of_nodes()
@@ -161,6 +161,11 @@ class Graph:
         - the output of ``train_step`` (metrics) feeds no other model.
         """
         nodes = list(self)
+        undefined = [name for name, data in self.dag.nodes(data=True) if "node" not in data]
+        if undefined:
+            raise FlowDefinitionError(
+                f"graph {self.name}: %{undefined[0]} is used but never defined"
+            )
         for op in ("input", "output"):
             count = sum(n.op == op for n in nodes)
             if count != 1:

@@ -361,6 +361,7 @@ class Tracer:
             lines.append(f"    {at.code}")
         if flow_frame is not None and flow_frame is not here:
             lines.append(f"  called from the flow at {_location(flow_frame)}")
+        lines.extend(_not_a_module_hint(here))
         lines.append("  While a flow is traced, batches are placeholders with no values yet.")
         lines.append(f"  Fix: {fix}.")
         return error("\n".join(lines))
@@ -380,6 +381,19 @@ def _user_frame() -> types.FrameType | None:
     ):
         frame = frame.f_back
     return frame
+
+
+def _not_a_module_hint(frame: types.FrameType | None) -> list[str]:
+    """A hint when the misuse happened inside a step method of a non-BaseModule object."""
+    from flowgraph.module import BaseModule  # module.py imports this file
+
+    owner = frame.f_locals.get("self") if frame is not None else None
+    if owner is None or isinstance(owner, BaseModule) or not frame.f_code.co_name.endswith("_step"):
+        return []
+    return [
+        f"  {type(owner).__name__} is not a BaseModule, so its {frame.f_code.co_name} ran "
+        "instead of being recorded: subclass flowgraph.TorchModule (or BaseModule)"
+    ]
 
 
 def _is_library(filename: str) -> bool:

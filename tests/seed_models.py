@@ -1,0 +1,98 @@
+"""Deterministic toy modules with the seed's class names; every call is recorded.
+
+Each network is a seeded ``Linear(4, 4)``: inference copies and their trainers share the
+architecture, so parameter sync works; trainers take one SGD step per ``train_step``.
+"""
+
+import torch
+
+from flowgraph import TorchModule
+from flowgraph.data import batch_size
+
+DIM = 4
+
+
+def prompts(count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(DIM, generator=generator)} for _ in range(count)]
+
+
+class Recorded(TorchModule):
+    """Records ``(method, batch size or list of micro-batch sizes)`` for every call."""
+
+    output_key = "y"
+    init_seed = 0
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.calls = []
+        self.setup_count = 0
+
+    def setup(self):
+        self.setup_count += 1
+        with torch.random.fork_rng():
+            torch.manual_seed(self.model_config.args.get("init_seed", self.init_seed))
+            self.model = torch.nn.Linear(DIM, DIM)
+
+    def forward_step(self, data):
+        self.calls.append(("forward_step", batch_size(data)))
+        with torch.no_grad():
+            return {**data, self.output_key: self.model(data["x"])}
+
+    def eval_step(self, data):
+        self.calls.append(("eval_step", batch_size(data)))
+        with torch.no_grad():
+            return {**data, self.output_key: self.model(data["x"])}
+
+
+class PolicyInference(Recorded):
+    output_key = "policy_y"
+
+
+class PolicyReference(Recorded):
+    output_key = "ref_y"
+
+
+class ValueInference(Recorded):
+    output_key = "value_y"
+    init_seed = 1
+
+
+class RewardInference(Recorded):
+    output_key = "reward_y"
+    init_seed = 2
+
+    def forward_step(self, data):
+        out = super().forward_step(data)
+        return {**out, "reward": out["reward_y"].sum(-1)}
+
+    def eval_step(self, data):
+        out = super().eval_step(data)
+        return {**out, "reward": out["reward_y"].sum(-1)}
+
+
+class Trained(Recorded):
+    """One SGD step per train_step towards the batch's rewards (zero when it has none)."""
+
+    def setup(self):
+        super().setup()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05)
+
+    def train_step(self, micro_batches):
+        self.calls.append(("train_step", [batch_size(mb) for mb in micro_batches]))
+        self.optimizer.zero_grad()
+        total = sum(batch_size(mb) for mb in micro_batches)
+        for mb in micro_batches:
+            target = mb.get("reward", torch.zeros(batch_size(mb)))
+            loss = ((self.model(mb["x"]).sum(-1) - target) ** 2).sum() / total
+            loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item()}
+
+
+class PolicyTrainer(Trained):
+    pass
+
+
+class ValueTrainer(Trained):
+    init_seed = 1
