@@ -217,18 +217,40 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def _describe(err: ValidationError, data: Mapping[str, Any]) -> str:
-    lines = ["invalid configuration:"]
+    problems: dict[str, list[str]] = {}
     for problem in err.errors():
-        loc = [str(p) for p in problem["loc"]]
+        loc = _key_path([str(p) for p in problem["loc"]], data)
         where = ".".join(loc) or "config"
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key; {_valid_keys_hint(loc)}")
+            text = f"unknown key; {_valid_keys_hint(loc)}"
         elif problem["type"] == "value_error":
-            msg = str(problem["msg"]).removeprefix("Value error, ")
-            lines.append(f"  {where}: {msg}")
+            text = str(problem["msg"]).removeprefix("Value error, ")
         else:
-            lines.append(f"  {where}: {problem['msg']} (got {_lookup(data, loc)!r})")
+            text = str(problem["msg"])
+        problems.setdefault(where, []).append(text)
+    lines = ["invalid configuration:"]
+    for where, texts in problems.items():
+        value = _lookup(data, where.split("."))
+        got = "" if texts[0].startswith("unknown key") or value is None else f" (got {value!r})"
+        lines.append(f"  {where}: {' or '.join(dict.fromkeys(texts))}{got}")
     return "\n".join(lines)
+
+
+def _key_path(loc: list[str], data: Mapping[str, Any]) -> list[str]:
+    """The part of a pydantic error location that names keys of the user's data (pydantic
+    appends union member tags such as ``int`` or ``literal['auto']``)."""
+    path, node = [], data
+    for part in loc:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            if isinstance(node, Mapping):
+                path.append(part)  # a key pydantic expected but the data lacks
+            break
+        path.append(part)
+    return path
 
 
 def _valid_keys_hint(loc: list[str]) -> str:

@@ -227,7 +227,7 @@ class StreamDataset:
 
         >>> stream = StreamDataset([{"x": torch.arange(6)}])
         >>> [b["x"].tolist() for b in stream.global_batches(4, seed=0, epoch=0)]
-        [[3, 0, 5, 1]]
+        [[2, 5, 3, 0]]
     """
 
     def __init__(self, outputs: Sequence[Mapping[str, Any]]) -> None:

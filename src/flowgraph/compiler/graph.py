@@ -84,9 +84,9 @@ class Graph:
     Example::
 
         >>> g = Graph("f")
-        >>> g.add(Node("batch", "input", "batch"))
-        >>> g.add(Node("out", "call_model", "policy.forward_step", ("batch",)))
-        >>> g.add(Node("output", "output", "output", ("out",)))
+        >>> batch = g.add(Node("batch", "input", "batch"))
+        >>> out = g.add(Node("out", "call_model", "policy.forward_step", ("batch",)))
+        >>> end = g.add(Node("output", "output", "output", ("out",)))
         >>> print(g)
         graph f(batch):
           %out = call_model[policy.forward_step](%batch)

@@ -6,10 +6,17 @@ A call of a ``BaseModule`` method that receives a Proxy is not executed; it beco
 
 Example::
 
-    >>> traced = trace_flow(env_flow)
-    >>> print(traced.graph)
+    >>> from flowgraph import BaseModule
+    >>> class Policy(BaseModule):
+    ...     def forward_step(self, data):
+    ...         return data
+    >>> policy = Policy("policy")
+    >>> def env_flow(batch):
+    ...     policy_out = policy.forward_step(batch)
+    ...     return policy_out
+    >>> print(trace_flow(env_flow).graph)
     graph env_flow(batch):
-      %policy_out = call_model[policy.forward_step](%batch)  # train.py:12
+      %policy_out = call_model[policy.forward_step](%batch)  # <doctest ...>:2
       return %policy_out
 """
 

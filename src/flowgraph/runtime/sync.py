@@ -7,10 +7,17 @@ copies in place, so no second copy of the model is ever allocated.
 
 Example::
 
+    >>> class Net(TorchModule):
+    ...     def setup(self):
+    ...         self.model = torch.nn.Linear(30, 40)
+    >>> ppo_policy, policy = Net("ppo_policy"), Net("policy")
+    >>> ppo_policy.setup(); policy.setup()
     >>> plan = SyncPlan.build(ppo_policy, policy)
     >>> print(plan)
-    sync ppo_policy -> policy: 4 tensors, 1,234 parameters
+    sync ppo_policy -> policy: 2 tensors, 1,240 parameters
     >>> plan.apply()
+    >>> torch.equal(policy.model.weight, ppo_policy.model.weight)
+    True
 """
 
 from __future__ import annotations
