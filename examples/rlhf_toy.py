@@ -1,10 +1,11 @@
 """The seed's RLHF flow, exactly as written, on the toy bandit models.
 
-Run it:
+Run it (`make demo` runs the first line):
 
     python examples/rlhf_toy.py                                  # defaults below
     python examples/rlhf_toy.py runtime.num_episode=5            # key=value overrides
     python examples/rlhf_toy.py --config examples/rlhf_toy.yaml  # a YAML config
+    flowc trace examples/rlhf_toy.py                             # the traced graphs
 """
 
 import os
@@ -52,23 +53,26 @@ def eval_flow(batch):
     return r1
 
 
+train_prompts = make_prompts(512, seed=0)
+val_prompts = make_prompts(64, seed=1)
+
+# fmt: off
+env = Environment(env_flow)
+trainer = Trainer(trainer_flow)
+evaluator = Evaluator(eval_flow).set_dataset(val_prompts)
+engine = Engine(env, trainer, evaluator) \
+         .set_parameter_sync(ppo_policy, policy) \
+         .set_parameter_sync(ppo_value, value) \
+         .set_dataset(train_prompts)
+# fmt: on
+
+
 def main(argv):
+    """Configure from rlhf_toy.yaml (or --config FILE) plus key=value overrides, then learn."""
     config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rlhf_toy.yaml")
     if argv[:1] == ["--config"]:
         config, argv = argv[1], argv[2:]
     flowgraph.init(config, argv)
-    train_prompts = make_prompts(512, seed=0)
-    val_prompts = make_prompts(64, seed=1)
-
-    env = Environment(env_flow)
-    trainer = Trainer(trainer_flow)
-    evaluator = Evaluator(eval_flow).set_dataset(val_prompts)
-    # fmt: off
-    engine = Engine(env, trainer, evaluator) \
-             .set_parameter_sync(ppo_policy, policy) \
-             .set_parameter_sync(ppo_value, value) \
-             .set_dataset(train_prompts)
-    # fmt: on
     return engine.learn()
 
 

@@ -11,6 +11,7 @@ naming the node and the user's source line, torch.fx style::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from flowgraph.compiler.graph import TRAIN_METHOD, Graph, Node
@@ -20,24 +21,42 @@ from flowgraph.module import BaseModule
 from flowgraph.runtime.telemetry import MetricAverager, StageTimer
 
 
+@dataclass(frozen=True)
+class _Step:
+    """A ``call_model`` node resolved once: its module, inputs and chunk size."""
+
+    node: Node
+    module: BaseModule
+    producers: tuple[str, ...]
+    chunk: int | None
+    timer_key: str
+
+
 class GraphRunner:
     """Runs the nodes of one graph against the modules it names."""
 
     def __init__(self, graph: Graph, modules: Mapping[str, BaseModule], stage: str) -> None:
         self.graph = graph
-        self.modules = modules
-        self.stage = stage
-        self.calls = graph.calls()
+        self.input_name = graph.input_node.name
         self.returned = graph.returned
+        self.steps = [
+            _Step(
+                node,
+                modules[node.model],
+                tuple(self._producer(name) for name in node.inputs),
+                modules[node.model].model_config.generation_batch_size,
+                f"{stage}/{node.model}",
+            )
+            for node in graph.calls()
+        ]
 
     def run_inference(self, batch: Batch, timer: StageTimer) -> Batch | None:
         """One micro-batch through the graph; returns the flow's returned batch."""
-        values: dict[str, Any] = {self.graph.input_node.name: batch}
-        for node in self.calls:
-            data = self._merged_input(node, values)
-            module = self.modules[node.model]
-            with timer.stage(f"{self.stage}/{node.model}"):
-                values[node.name] = self._call_chunked(node, module, data)
+        values: dict[str, Any] = {self.input_name: batch}
+        for step in self.steps:
+            data = self._merged_input(step, values)
+            with timer.stage(step.timer_key):
+                values[step.node.name] = self._call_chunked(step, data)
         return values[self.returned.name] if self.returned is not None else None
 
     def run_train(
@@ -45,42 +64,40 @@ class GraphRunner:
     ) -> None:
         """One global step: ``train_step`` gets the list of micro-batches; other model
         calls in a trainer flow run per micro-batch."""
-        values: dict[str, Any] = {self.graph.input_node.name: list(micro_batches)}
-        for node in self.calls:
-            module = self.modules[node.model]
+        values: dict[str, Any] = {self.input_name: list(micro_batches)}
+        for step in self.steps:
             per_micro = [
-                self._merged_input(node, {k: v[i] for k, v in values.items()})
+                self._merged_input(step, {k: v[i] for k, v in values.items()})
                 for i in range(len(micro_batches))
             ]
-            with timer.stage(f"{self.stage}/{node.model}"):
-                if node.method == TRAIN_METHOD:
-                    result = self._call(node, module, per_micro)
-                    metrics.add(node.model, result if isinstance(result, Mapping) else None)
-                    values[node.name] = [None] * len(micro_batches)
+            with timer.stage(step.timer_key):
+                if step.node.method == TRAIN_METHOD:
+                    result = self._call(step, per_micro)
+                    metrics.add(step.module.name, result if isinstance(result, Mapping) else None)
+                    values[step.node.name] = [None] * len(micro_batches)
                 else:
-                    values[node.name] = [self._call(node, module, mb) for mb in per_micro]
+                    values[step.node.name] = [self._call(step, mb) for mb in per_micro]
 
-    def _merged_input(self, node: Node, values: Mapping[str, Any]) -> Batch:
-        inputs = [values[name] for name in node.inputs]
-        producers = [self._producer(name) for name in node.inputs]
-        return merge_inputs(inputs, producers)
+    @staticmethod
+    def _merged_input(step: _Step, values: Mapping[str, Any]) -> Batch:
+        return merge_inputs([values[name] for name in step.node.inputs], step.producers)
 
     def _producer(self, name: str) -> str:
         node = self.graph.node(name)
         return f"the flow input %{name}" if node.op == "input" else f"{node.target} ({node.source})"
 
-    def _call_chunked(self, node: Node, module: BaseModule, data: Batch) -> Batch:
-        limit = module.model_config.generation_batch_size
-        if limit is None:
-            return self._call(node, module, data)
-        chunks = split(data, limit)
+    def _call_chunked(self, step: _Step, data: Batch) -> Batch:
+        if step.chunk is None:
+            return self._call(step, data)
+        chunks = split(data, step.chunk)
         if len(chunks) == 1:
-            return self._call(node, module, data)
-        return concat([self._call(node, module, chunk) for chunk in chunks])
+            return self._call(step, data)
+        return concat([self._call(step, chunk) for chunk in chunks])
 
-    def _call(self, node: Node, module: BaseModule, data: Any) -> Any:
+    def _call(self, step: _Step, data: Any) -> Any:
+        node = step.node
         try:
-            result = getattr(module, node.method)(data)
+            result = getattr(step.module, node.method)(data)
         except Exception as err:
             _add_note(err, f"While executing {node}  # {node.source} (flow {self.graph.name})")
             raise

@@ -1,0 +1,80 @@
+"""Find the Engine of a user's script without running its ``learn()``.
+
+The script is executed as a module named ``__flowc__`` (not ``__main__``), so the code
+under its ``if __name__ == "__main__":`` guard does not run. ``FILE:OBJECT`` names the
+Engine (or a function returning one) when the script defines several.
+
+Example::
+
+    engine = load_engine("examples/rlhf_toy.py")           # the only Engine in it
+    engine = load_engine("train.py:build_engine")          # a function returning one
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+from flowgraph.engine import Engine
+from flowgraph.errors import EngineError
+
+
+def split_target(target: str) -> tuple[Path, str | None]:
+    """``"train.py:engine"`` -> ``(Path("train.py"), "engine")``."""
+    path, sep, obj = target.rpartition(":")
+    if not sep or not path or "/" in obj or obj.endswith(".py"):
+        return Path(target), None
+    return Path(path), obj
+
+
+def load_engine(target: str) -> Engine:
+    """The Engine that ``target`` (``FILE[:OBJECT]``) defines; ``EngineError`` if none or
+    several match."""
+    path, name = split_target(target)
+    if not path.is_file():
+        raise EngineError(f"{path}: no such file; give the training script, e.g. train.py")
+    namespace = _run_script(path)
+    if name is not None:
+        if name not in namespace:
+            found = ", ".join(_engines(namespace)) or "none"
+            raise EngineError(f"{path} defines no {name!r}; Engines in it: {found}")
+        return _as_engine(namespace[name], f"{path}:{name}")
+    engines = _engines(namespace)
+    if len(engines) == 1:
+        return next(iter(engines.values()))
+    if not engines:
+        raise EngineError(
+            f"{path} builds no Engine at module level (code under `if __name__ == "
+            '"__main__":` is not run); build it at module level, or name a function that '
+            f"returns one: {path}:build_engine"
+        )
+    raise EngineError(
+        f"{path} defines several Engines ({', '.join(engines)}); pick one: {path}:NAME"
+    )
+
+
+def _run_script(path: Path) -> dict[str, Any]:
+    script_dir = str(path.resolve().parent)
+    sys.path.insert(0, script_dir)  # scripts import their neighbours, as `python x.py` allows
+    try:
+        return runpy.run_path(str(path), run_name="__flowc__")
+    finally:
+        if sys.path and sys.path[0] == script_dir:
+            sys.path.pop(0)
+
+
+def _engines(namespace: dict[str, Any]) -> dict[str, Engine]:
+    return {k: v for k, v in namespace.items() if isinstance(v, Engine)}
+
+
+def _as_engine(value: Any, where: str) -> Engine:
+    if isinstance(value, Engine):
+        return value
+    if callable(value):
+        built = value()
+        if isinstance(built, Engine):
+            return built
+        raise EngineError(f"{where}() returned a {type(built).__name__}, not an Engine")
+    raise EngineError(f"{where} is a {type(value).__name__}, not an Engine or a function")
