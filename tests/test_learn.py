@@ -205,11 +205,11 @@ def test_default_post_process_means_per_sample_floats():
     assert "eval/x" not in metrics  # 2-D values are not per-sample scalars
 
 
-def test_evaluator_that_never_runs_is_reported(capsys):
+def test_evaluator_that_never_runs_is_reported(caplog):
     flowgraph.init({"runtime": RUNTIME})
     engine, m = rlhf_engine(eval_reward)
     engine.learn()
-    assert "runtime.eval_episode_interval is 0, so it never runs" in capsys.readouterr().out
+    assert "runtime.eval_episode_interval is 0, so it never runs" in caplog.text
     assert [c for c in m["reward"].calls if c[0] == "eval_step"] == []
 
 
@@ -233,3 +233,19 @@ def test_two_engines_with_the_same_module_names_in_one_process():
     first.learn()
     second.learn()
     assert same(weights(m1["ppo_policy"]), weights(m2["ppo_policy"]))
+
+
+def test_settings_without_effect_yet_are_reported(caplog):
+    flowgraph.init({"runtime": {**RUNTIME, "save_episode_interval": 1},
+                    "models": {"ppo_policy": {"backend": "deepspeed"}}})  # fmt: skip
+    engine, _ = rlhf_engine()
+    engine.learn()
+    assert "runtime.save_episode_interval (checkpointing) is set but has no effect" in caplog.text
+    assert "models.ppo_policy.backend (the DeepSpeed backend) is set but has no" in caplog.text
+
+
+def test_default_settings_report_nothing(caplog):
+    flowgraph.init(flowgraph.Config())
+    engine, _ = rlhf_engine()
+    engine.learn()
+    assert "no effect" not in caplog.text

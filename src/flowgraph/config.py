@@ -168,7 +168,7 @@ def _as_dict(config: str | Path | Mapping[str, Any] | Config | None) -> dict[str
     if config is None:
         return {}
     if isinstance(config, Config):
-        return config.model_dump()
+        return config.model_dump(exclude_unset=True)
     if isinstance(config, Mapping):
         return _deep_copy(config)
     path = Path(config)
@@ -285,6 +285,35 @@ def _lookup(data: Mapping[str, Any], loc: list[str]) -> Any:
     return node
 
 
+# Settings that validate today but take effect only with a later part of flowgraph:
+# key -> the missing feature. learn() warns when one of them is set; the docs mark them.
+PENDING = {
+    "runtime.save_episode_interval": "checkpointing",
+    "runtime.checkpoint_dir": "checkpointing",
+    "runtime.max_checkpoints": "checkpointing",
+    "runtime.timeout_s": "the multi-process runtime",
+    "models.backend": "the DeepSpeed backend",
+    "models.zero_stage": "the DeepSpeed backend",
+    "models.offload": "offloading between stages",
+}
+
+
+def pending_settings(config: Config) -> list[str]:
+    """``key (feature)`` for every setting the user gave that has no effect yet."""
+    found = [
+        f"runtime.{key} ({PENDING['runtime.' + key]})"
+        for key in sorted(config.runtime.model_fields_set)
+        if f"runtime.{key}" in PENDING
+    ]
+    for name, model in config.models.items():
+        found += [
+            f"models.{name}.{key} ({PENDING['models.' + key]})"
+            for key in sorted(model.model_fields_set)
+            if f"models.{key}" in PENDING
+        ]
+    return found
+
+
 _current: Config | None = None
 
 
@@ -313,3 +342,25 @@ def reset_config() -> None:
     """Forget the configuration set by ``init()`` (tests use this)."""
     global _current
     _current = None
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config.md's tables), rendered from the models' fields."""
+    out = []
+    for title, model in (("runtime", RuntimeConfig), ("models.<name>", ModelConfig)):
+        out += [f"### `{title}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, info in model.model_fields.items():
+            default = info.default_factory() if info.default_factory else info.default
+            kind = _type_name(info.annotation).replace("|", "\\|")
+            section = "runtime" if model is RuntimeConfig else "models"
+            pending = PENDING.get(f"{section}.{key}")
+            note = f" *Not yet in effect: comes with {pending}.*" if pending else ""
+            out.append(f"| `{key}` | `{kind}` | `{default!r}` | {info.description}{note} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")

@@ -15,6 +15,7 @@ mistakes surface at the user's line before anything runs::
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,12 +23,14 @@ import torch
 
 from flowgraph.compiler.graph import TRAIN_METHOD, Graph
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
-from flowgraph.config import Config, current_config
+from flowgraph.config import Config, current_config, pending_settings
 from flowgraph.data import Batch, Dataset
 from flowgraph.errors import ConfigError, EngineError, FlowDefinitionError
 from flowgraph.module import BaseModule
 from flowgraph.runtime.local import EvalJob, LocalJob, LocalRunner
 from flowgraph.runtime.telemetry import EpisodeRecord
+
+log = logging.getLogger("flowgraph")
 
 
 class _FlowHolder:
@@ -275,6 +278,8 @@ class Engine:
             raise EngineError(
                 "the Evaluator has no dataset: Evaluator(eval_flow).set_dataset(val_prompts)"
             )
+        for setting in pending_settings(config):
+            log.warning("%s is set but has no effect in this version of flowgraph", setting)
         trainable = set(self.trainable_models(config))
         for module in self.modules.values():
             module.config = config
@@ -297,9 +302,9 @@ class Engine:
             config.runtime.eval_episode_interval == 0
             and not config.runtime.enable_eval_before_training
         ):
-            print(
-                "flowgraph: an Evaluator is set but runtime.eval_episode_interval is 0, so it "
-                "never runs; set runtime.eval_episode_interval=N to evaluate every N episodes"
+            log.warning(
+                "an Evaluator is set but runtime.eval_episode_interval is 0, so it never "
+                "runs; set runtime.eval_episode_interval=N to evaluate every N episodes"
             )
         return EvalJob(
             graph=self.evaluator.traced.graph,
