@@ -348,7 +348,12 @@ def reference_markdown() -> str:
     """The config reference (docs/config.md's tables), rendered from the models' fields."""
     out = []
     for title, model in (("runtime", RuntimeConfig), ("models.<name>", ModelConfig)):
-        out += [f"### `{title}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        out += [
+            f"### `{title}`",
+            "",
+            "| key | type | default | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
         for key, info in model.model_fields.items():
             default = info.default_factory() if info.default_factory else info.default
             kind = _type_name(info.annotation).replace("|", "\\|")
