@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo bench lint format docs clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format src tests benchmarks examples
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
+
+# Regenerate the config tables of docs/config.md from the pydantic models.
+docs: install
+	$(PY) -c "import pathlib; from flowgraph.config import reference_markdown as r; \
+	p = pathlib.Path('docs/config.md'); mark = '<!-- generated'; text = p.read_text(); \
+	head, tail = text.split(mark, 1); comment = tail.split(chr(10), 1)[0]; \
+	p.write_text(head + mark + comment + chr(10) + chr(10) + r())"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

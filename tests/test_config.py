@@ -56,7 +56,8 @@ def test_config_round_trips_through_its_text():
                       "train_micro_batch_size": 4}}, [],
          ["train_global_batch_size (8) must not exceed sample_per_episode (4)"]),
         ({"models": {"policy": {"num_gpu": 0}}}, [],
-         ["models.policy: num_gpu must be >= 1 or 'auto', got 0"]),
+         ["models.policy.num_gpu: Input should be greater than or equal to 1 or Input "
+          "should be 'auto' (got 0)"]),
         ({"models": {"policy": {"num_gpu": "many"}}}, [], ["models.policy.num_gpu", "'many'"]),
         ({"models": {"policy": {"zero_stage": 4}}}, [], ["models.policy.zero_stage", "got 4"]),
         ({}, ["runtime.num_episode"], ["override 'runtime.num_episode' is not key=value"]),

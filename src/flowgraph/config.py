@@ -17,7 +17,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -101,7 +102,7 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
-    num_gpu: int | Literal["auto"] = Field(
+    num_gpu: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Devices in this model's mesh, or 'auto' for the compiler."
     )
     trainable: bool | None = Field(
@@ -122,12 +123,6 @@ class ModelConfig(BaseModel):
     args: dict[str, Any] = Field(
         default_factory=dict, description="Free-form arguments for the user's module."
     )
-
-    @model_validator(mode="after")
-    def _positive_mesh(self) -> ModelConfig:
-        if isinstance(self.num_gpu, int) and self.num_gpu < 1:
-            raise ValueError(f"num_gpu must be >= 1 or 'auto', got {self.num_gpu}")
-        return self
 
 
 class Config(BaseModel):
@@ -218,28 +213,30 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 
 def _describe(err: ValidationError, data: Mapping[str, Any]) -> str:
     problems: dict[str, list[str]] = {}
+    given: dict[str, Any] = {}
     for problem in err.errors():
-        loc = _key_path([str(p) for p in problem["loc"]], data)
+        loc, value = _key_path([str(p) for p in problem["loc"]], data)
         where = ".".join(loc) or "config"
         if problem["type"] == "extra_forbidden":
-            text = f"unknown key; {_valid_keys_hint(loc)}"
-        elif problem["type"] == "value_error":
-            text = str(problem["msg"]).removeprefix("Value error, ")
+            text, value = f"unknown key; {_valid_keys_hint(loc)}", None
+        elif problem["type"] == "value_error":  # our validators quote the values themselves
+            text, value = str(problem["msg"]).removeprefix("Value error, "), None
         else:
             text = str(problem["msg"])
         problems.setdefault(where, []).append(text)
+        given[where] = value
     lines = ["invalid configuration:"]
     for where, texts in problems.items():
-        value = _lookup(data, where.split("."))
-        got = "" if texts[0].startswith("unknown key") or value is None else f" (got {value!r})"
+        got = "" if given[where] is None else f" (got {given[where]!r})"
         lines.append(f"  {where}: {' or '.join(dict.fromkeys(texts))}{got}")
     return "\n".join(lines)
 
 
-def _key_path(loc: list[str], data: Mapping[str, Any]) -> list[str]:
-    """The part of a pydantic error location that names keys of the user's data (pydantic
-    appends union member tags such as ``int`` or ``literal['auto']``)."""
-    path, node = [], data
+def _key_path(loc: list[str], data: Mapping[str, Any]) -> tuple[list[str], Any]:
+    """The part of a pydantic error location that names keys of the user's data, and the
+    value found there (pydantic appends union member tags such as ``int``)."""
+    path: list[str] = []
+    node: Any = data
     for part in loc:
         if isinstance(node, Mapping) and part in node:
             node = node[part]
@@ -247,10 +244,10 @@ def _key_path(loc: list[str], data: Mapping[str, Any]) -> list[str]:
             node = node[int(part)]
         else:
             if isinstance(node, Mapping):
-                path.append(part)  # a key pydantic expected but the data lacks
+                return [*path, part], None  # a key pydantic expected but the data lacks
             break
         path.append(part)
-    return path
+    return path, node
 
 
 def _valid_keys_hint(loc: list[str]) -> str:
@@ -271,18 +268,6 @@ def _section_model(section: list[str]) -> type[BaseModel] | None:
     if len(section) == 2 and section[0] == "models":
         return ModelConfig
     return None
-
-
-def _lookup(data: Mapping[str, Any], loc: list[str]) -> Any:
-    node: Any = data
-    for part in loc:
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
 
 
 # Settings that validate today but take effect only with a later part of flowgraph:
@@ -366,6 +351,16 @@ def reference_markdown() -> str:
 
 
 def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type):
+    """``int | Literal['auto']`` -> ``int | 'auto'``, for the docs."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and not args:
         return annotation.__name__
     return str(annotation).replace("typing.", "")
