@@ -9,7 +9,4 @@ ROOT = Path(__file__).parent.parent
 
 def test_config_reference_is_current():
     text = (ROOT / "docs" / "config.md").read_text()
-    assert text.endswith(reference_markdown()), (
-        "docs/config.md is stale: run make docs"
-        "python -c 'from flowgraph.config import reference_markdown as r; print(r(), end=\"\")'"
-    )
+    assert text.endswith(reference_markdown()), "docs/config.md is stale: run make docs"

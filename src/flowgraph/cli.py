@@ -1,7 +1,11 @@
 """``flowc``: look at a flowgraph script before launching it.
 
-flowc trace examples/rlhf_toy.py          # the traced graphs of its Engine
-flowc trace train.py:engine               # pick one Engine of several
+flowc trace examples/rlhf_toy.py                          # the traced graphs
+flowc compile examples/rlhf_toy.py --world-size 8         # placement, schedule, estimates
+flowc compile train.py --nodes 4 --gpus-per-node 8 --config train.yaml runtime.seed=3
+flowc compile train.py --world-size 8 --json > plan.json  # the plan as JSON
+flowc compile train.py --world-size 8 --dot | dot -Tsvg > graph.svg
+flowc compile train.py --world-size 8 --png gantt.png     # Gantt chart of the schedule
 """
 
 from __future__ import annotations
@@ -9,41 +13,134 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flowgraph.compiler.cluster import ClusterSpec
+from flowgraph.config import load_config
 from flowgraph.errors import FlowgraphError
 from flowgraph.loader import load_engine
+
+TARGET_HELP = (
+    'the training script; it is imported with its `if __name__ == "__main__":` block '
+    "skipped. OBJECT names the Engine (or a function returning one) when the script builds "
+    "several"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowc",
-        description="Inspect flowgraph scripts without running them: the script is "
-        'imported with its `if __name__ == "__main__":` block skipped.',
+        description="Inspect flowgraph scripts without running them: the traced graphs, "
+        "where every model lives, the per-rank schedule and its estimated cost.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     trace = commands.add_parser(
         "trace",
         help="print the traced dataflow graphs of a script's Engine",
         description="Trace the env, trainer and eval flows of the Engine that FILE builds "
         "and print their graphs, one line per model call with its source line.",
     )
-    trace.add_argument(
-        "target",
-        metavar="FILE[:OBJECT]",
-        help="the training script; OBJECT names the Engine (or a function returning one) "
-        "when the script builds several",
-    )
+    trace.add_argument("target", metavar="FILE[:OBJECT]", help=TARGET_HELP)
     trace.set_defaults(run=_trace)
+
+    compile_ = commands.add_parser(
+        "compile",
+        help="compile the plan for a cluster and print it",
+        description="Compile the plan of the Engine that FILE builds for a cluster and print "
+        "the traced graphs, a placement table (model -> ranks, memory per device against the "
+        "budget), the Step x Rank schedule grid (ranks with identical streams share a column) "
+        "and the estimated episode time. Nothing is launched; no GPU is needed.",
+    )
+    compile_.add_argument("target", metavar="FILE[:OBJECT]", help=TARGET_HELP)
+    size = compile_.add_mutually_exclusive_group(required=True)
+    size.add_argument(
+        "--world-size", type=int, metavar="N", help="N devices (8 per node when N > 8)"
+    )
+    size.add_argument("--nodes", type=int, metavar="N", help="N nodes (with --gpus-per-node)")
+    compile_.add_argument("--gpus-per-node", type=int, metavar="G", help="devices per node")
+    compile_.add_argument(
+        "--cpu",
+        action="store_true",
+        help="CPU processes with gloo instead of GPUs (memory, speed, links)",
+    )
+    compile_.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GIB",
+        help="memory per device in GiB (default 80 for GPUs)",
+    )
+    compile_.add_argument("--config", metavar="YAML", help="config file, as flowgraph.init takes")
+    compile_.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. runtime.sample_per_episode=512",
+    )
+    out = compile_.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the plan as JSON only")
+    out.add_argument("--dot", action="store_true", help="print the dataflow graph as Graphviz DOT")
+    out.add_argument("--svg", metavar="FILE", help="draw the schedule as a Gantt chart (SVG)")
+    out.add_argument("--png", metavar="FILE", help="draw the schedule as a Gantt chart (PNG)")
+    compile_.set_defaults(run=_compile)
     return parser
 
 
 def _trace(args: argparse.Namespace) -> int:
+    print(load_engine(args.target))
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> ClusterSpec:
+    if args.nodes is not None:
+        if args.gpus_per_node is None:
+            raise SystemExit("flowc compile: --nodes needs --gpus-per-node")
+        nodes, per_node = args.nodes, args.gpus_per_node
+    else:
+        world = args.world_size
+        per_node = args.gpus_per_node or min(world, 8)
+        if world < 1 or world % per_node:
+            raise SystemExit(f"flowc compile: --world-size {world} is not a multiple of {per_node}")
+        nodes = world // per_node
+    if args.cpu:
+        cluster = ClusterSpec.cpu(nodes * per_node, nodes=nodes)
+    else:
+        cluster = ClusterSpec(nodes=nodes, devices_per_node=per_node)
+    if args.device_memory:
+        cluster = ClusterSpec(**{**vars(cluster), "device_memory_gib": args.device_memory})
+    return cluster
+
+
+def _compile(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
     engine = load_engine(args.target)
-    print(engine)
+    plan = engine.compile(_cluster(args), config)
+    if args.json:
+        print(plan.to_json())
+    elif args.dot:
+        from flowgraph.compiler.render import to_dot
+
+        print(to_dot(engine.graphs(), plan))
+    elif args.svg or args.png:
+        from flowgraph.compiler.render import draw_gantt
+
+        path = args.svg or args.png
+        draw_gantt(plan, path)
+        print(f"wrote {path}")
+    else:
+        print(f"{engine}\n\n{plan}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (argparse stops positionals at the first one).
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown or (extra and args.command != "compile"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
     except FlowgraphError as err:

@@ -70,6 +70,15 @@ class RuntimeConfig(BaseModel):
         60.0, gt=0, description="Seconds before a silent rank is reported as stuck."
     )
     log_dir: str | None = Field(None, description="Where metrics.jsonl is written.")
+    prompt_length: int = Field(
+        512, ge=1, description="Tokens per prompt, for the compiler's cost model."
+    )
+    response_length: int = Field(
+        512, ge=0, description="Tokens generated per sample, for the compiler's cost model."
+    )
+    sync_bucket_mb: int = Field(
+        256, ge=1, description="Size of the buckets that parameter sync broadcasts across meshes."
+    )
     log_episodes: bool = Field(True, description="Print one line per episode.")
 
     @model_validator(mode="after")

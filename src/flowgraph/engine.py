@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
+from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.compiler.graph import TRAIN_METHOD, Graph
+from flowgraph.compiler.pipeline import Program, compile_plan
+from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
 from flowgraph.config import Config, current_config, pending_settings
 from flowgraph.data import Batch, Dataset
@@ -256,6 +259,28 @@ class Engine:
             if config.model(name).trainable
             or (name in trained and config.model(name).trainable is not False)
         ]
+
+    def program(self, config: Config) -> Program:
+        """What the compiler needs: graphs, modules, syncs and trainable models."""
+        self.check_config(config)
+        return Program(
+            graphs=self.graphs(),
+            modules=dict(self.modules),
+            syncs=tuple((src.name, dst.name) for src, dst in self.syncs),
+            trainable=frozenset(self.trainable_models(config)),
+            eval_samples=len(self.evaluator.samples or []) if self.evaluator else 0,
+        )
+
+    def compile(self, cluster: ClusterSpec, config: Config | None = None) -> Plan:
+        """The plan for ``cluster`` (``flowc compile`` prints it); pure, launches nothing.
+
+        Example::
+
+            plan = engine.compile(ClusterSpec.from_world_size(8))
+            print(plan.placement_table())
+        """
+        config = config or current_config()
+        return compile_plan(self.program(config), config, cluster)
 
     def check_config(self, config: Config) -> None:
         """Reject ``models.<name>`` sections for names no flow of this Engine calls."""

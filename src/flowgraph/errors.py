@@ -19,6 +19,7 @@ that ``except FlowgraphError`` catches exactly the framework's own complaints.
     ├── EngineError           engine wiring: modules, names, missing datasets
     │   └── ParameterSyncError    source and destination parameters do not match
     └── PlanError             the compiler cannot place or schedule the flows
+        └── LayoutError           one placement does not fit memory or the batches
 """
 
 from __future__ import annotations
@@ -114,3 +115,15 @@ class ParameterSyncError(EngineError):
 
 class PlanError(FlowgraphError):
     """The compiler cannot place or schedule the flows on the given devices."""
+
+
+class LayoutError(PlanError):
+    """One placement does not fit: ``reason`` says why, ``fix`` what to change.
+
+    Automatic placement lists the reasons of every layout it rejected.
+    """
+
+    def __init__(self, reason: str, fix: str) -> None:
+        super().__init__(f"{reason}: {fix}")
+        self.reason = reason
+        self.fix = fix

@@ -1,0 +1,265 @@
+"""The compiler's driver: traced graphs + config + cluster -> ``Plan``.
+
+Passes share one signature, ``pass(ctx: CompileContext) -> None``, and run in order:
+``size_models`` (parameter counts), ``place_models`` (meshes), ``schedule_streams``
+(instructions), ``simulate_streams`` (matching, deadlock freedom, estimates). The pass
+manager lints the graphs between passes and prefixes any ``PlanError`` with the pass
+that raised it. Compiling is pure: no GPU, no process group.
+
+Example::
+
+    plan = compile_plan(engine.program(config), config, ClusterSpec.from_world_size(8))
+    print(plan)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from flowgraph.compiler import cost
+from flowgraph.compiler.cluster import ClusterSpec
+from flowgraph.compiler.graph import Graph
+from flowgraph.compiler.placement import Layout, PlacementRequest, place
+from flowgraph.compiler.plan import Instruction, PlacementEntry, Plan, RankStream
+from flowgraph.compiler.schedule import ScheduleInput, SyncPair, schedule
+from flowgraph.compiler.simulate import Simulation, simulate
+from flowgraph.compiler.sizing import measure_params
+from flowgraph.config import Config
+from flowgraph.errors import PlanError
+
+HOST_LINK_BYTES_PER_S = 25e9  # device <-> host memory, for offload
+
+
+@dataclass(frozen=True)
+class Program:
+    """What the compiler needs from an Engine: graphs by role, modules, syncs."""
+
+    graphs: Mapping[str, Graph]
+    modules: Mapping[str, object]
+    syncs: tuple[tuple[str, str], ...]
+    trainable: frozenset[str]
+    eval_samples: int = 0
+
+
+@dataclass
+class CompileContext:
+    """Inputs, plus what each pass adds for the next one."""
+
+    program: Program
+    config: Config
+    cluster: ClusterSpec
+    specs: dict[str, cost.ModelSpec] = field(default_factory=dict)
+    layout: Layout | None = None
+    streams: list[RankStream] = field(default_factory=list)
+    simulation: Simulation | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def work(self) -> cost.Workload:
+        r = self.config.runtime
+        return cost.Workload(
+            sample_per_episode=r.sample_per_episode,
+            generation_batch_size=r.generation_batch_size,
+            train_micro_batch_size=r.train_micro_batch_size,
+            train_global_batch_size=r.global_batch_size,
+            num_training_epoch=r.num_training_epoch,
+            prompt_length=r.prompt_length,
+            response_length=r.response_length,
+        )
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self.program.modules)
+
+
+def size_models(ctx: CompileContext) -> None:
+    for name, module in ctx.program.modules.items():
+        settings = ctx.config.model(name)
+        params = (
+            cost.parse_params(settings.params, name)
+            if settings.params is not None
+            else measure_params(module)
+        )
+        ctx.specs[name] = cost.ModelSpec(
+            name=name,
+            params=params,
+            trainable=name in ctx.program.trainable,
+            zero_stage=settings.zero_stage if settings.backend == "deepspeed" else 0,
+            offload=settings.offload,
+        )
+
+
+def place_models(ctx: CompileContext) -> None:
+    env = ctx.program.graphs.get("env")
+    inference = frozenset(
+        m for m in (env.models() if env else []) if m not in ctx.program.trainable
+    )
+    request = PlacementRequest(
+        models=ctx.models,
+        specs=ctx.specs,
+        num_gpu={m: ctx.config.model(m).num_gpu for m in ctx.models},
+        colocation=ctx.config.runtime.colocation,
+        inference_models=inference,
+        work=ctx.work,
+        cluster=ctx.cluster,
+    )
+
+    def estimate(layout: Layout) -> float:
+        trial = CompileContext(ctx.program, ctx.config, ctx.cluster, ctx.specs, layout)
+        schedule_streams(trial)
+        simulate_streams(trial)
+        return trial.simulation.estimates.episode_s
+
+    ctx.layout, ctx.notes = place(request, estimate)
+
+
+def schedule_streams(ctx: CompileContext) -> None:
+    work = ctx.work
+    bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
+    bpp = cost.bytes_per_param(ctx.cluster)
+    syncs = tuple(
+        SyncPair(src, dst, max(1, math.ceil(ctx.specs[src].params * bpp / bucket_bytes)))
+        for src, dst in ctx.program.syncs
+    )
+    gen = work.generation_batch_size
+    ctx.streams = schedule(
+        ScheduleInput(
+            graphs=dict(ctx.program.graphs),
+            layout=ctx.layout,
+            syncs=syncs,
+            env_microbatches=math.ceil(work.sample_per_episode / gen),
+            eval_microbatches=math.ceil(ctx.program.eval_samples / gen),
+            train_steps=work.train_steps,
+            offloaded=frozenset(m for m, s in ctx.specs.items() if s.offload),
+        )
+    )
+
+
+def simulate_streams(ctx: CompileContext) -> None:
+    ctx.simulation = simulate(ctx.streams, _durations(ctx), ctx.cluster.world_size)
+
+
+def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
+    work, cluster = ctx.work, ctx.cluster
+    bpp = cost.bytes_per_param(cluster)
+    bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
+    mesh = {m: g.mesh for g in ctx.layout.groups for m in g.models}
+    width = {}
+    for phase, role in (("env", "env"), ("eval", "eval")):
+        graph = ctx.program.graphs.get(role)
+        width[phase] = (
+            math.lcm(*(mesh[m].size for m in graph.models())) if graph and graph.calls() else 1
+        )
+    generating = set()
+    env = ctx.program.graphs.get("env")
+    if env is not None:
+        generating = {n.target for n in env.calls() if env.input_node.name in n.inputs}
+
+    def seconds(_: int, ins: Instruction) -> float:
+        wave_samples = width.get(ins.phase, 1) * work.generation_batch_size
+        if ins.op == "RUN":
+            model = ins.model
+            n = mesh[model].size
+            if ins.phase == "train":
+                samples = work.train_global_batch_size / n
+            else:
+                samples = wave_samples / n
+            generate = ins.phase == "env" and ins.target in generating
+            return cost.inference_seconds(
+                ctx.specs[model].params, samples, 1, generate, work, cluster
+            )
+        if ins.op == "TRAIN":
+            return cost.train_step_seconds(
+                ctx.specs[ins.model].params, mesh[ins.model].ranks, work, cluster
+            )
+        if ins.op in ("RECV", "GATHER"):
+            pairs = min(len(ins.src_ranks), len(ins.dst_ranks)) if ins.op == "RECV" else 1
+            nbytes = cost.batch_bytes(wave_samples, work) / pairs
+            return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
+        if ins.op == "BCAST":
+            src = ins.target.split("->")[0]
+            total = ctx.specs[src].params * bpp
+            nbytes = min(bucket_bytes, total - ins.bucket * bucket_bytes)
+            return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
+        if ins.op == "SYNC":
+            src = ins.target.split("->")[0]
+            return ctx.specs[src].params * bpp / (cluster.memcpy_gbps * 1e9)
+        if ins.op in ("FREE", "LOAD"):
+            spec = ctx.specs[ins.model]
+            m = cost.memory(spec, mesh[ins.model].size, work, cluster)
+            return (m.weights + m.optimizer) / HOST_LINK_BYTES_PER_S
+        return 0.0
+
+    return seconds
+
+
+PASSES: tuple[Callable[[CompileContext], None], ...] = (
+    size_models,
+    place_models,
+    schedule_streams,
+    simulate_streams,
+)
+
+
+def run_passes(ctx: CompileContext, passes=PASSES) -> None:
+    """Run ``passes`` in order, linting the graphs after each; name the failing pass."""
+    for compiler_pass in passes:
+        try:
+            compiler_pass(ctx)
+            for graph in ctx.program.graphs.values():
+                graph.lint(known_models=set(ctx.program.modules))
+        except PlanError as err:
+            raise PlanError(f"[{compiler_pass.__name__}] {err}") from None
+
+
+def compile_plan(program: Program, config: Config, cluster: ClusterSpec) -> Plan:
+    """The plan for running ``program`` on ``cluster`` with ``config``."""
+    ctx = CompileContext(program, config, cluster)
+    run_passes(ctx)
+    return Plan(
+        cluster=cluster,
+        placement=_placement_entries(ctx),
+        streams=ctx.streams,
+        steps=ctx.simulation.steps,
+        times=[
+            [[a, b] for a, b in zip(starts, ends, strict=True)]
+            for starts, ends in zip(ctx.simulation.start, ctx.simulation.end, strict=True)
+        ],
+        estimates=ctx.simulation.estimates,
+        waves=_waves(ctx),
+        notes=ctx.notes,
+    )
+
+
+def _placement_entries(ctx: CompileContext) -> list[PlacementEntry]:
+    entries = []
+    for group in ctx.layout.groups:
+        for name in group.models:
+            spec = ctx.specs[name]
+            m = cost.memory(spec, group.mesh.size, ctx.work, ctx.cluster)
+            entries.append(
+                PlacementEntry(
+                    model=name,
+                    ranks=group.mesh.ranks,
+                    role="trainer" if spec.trainable else "inference",
+                    params=spec.params,
+                    weights=m.weights,
+                    gradients=m.gradients,
+                    optimizer=m.optimizer,
+                    activations=m.activations,
+                )
+            )
+    return entries
+
+
+def _waves(ctx: CompileContext) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for stream in ctx.streams:
+        for ins in stream.instructions:
+            if ins.mb is not None and ins.phase in ("env", "eval"):
+                counts[ins.phase] = max(counts.get(ins.phase, 0), ins.mb + 1)
+            if ins.step is not None:
+                counts["train steps"] = max(counts.get("train steps", 0), ins.step + 1)
+    return counts

@@ -1,0 +1,44 @@
+"""Parameter counts for the cost model: from config, or measured on the meta device.
+
+``measure_params(module)`` runs the module's ``setup()`` under ``torch.device("meta")``:
+tensors get shapes but no storage, so even a 70B model is sized in milliseconds with no
+memory. The module is left exactly as it was.
+
+Example::
+
+    >>> from flowgraph import TorchModule
+    >>> class Big(TorchModule):
+    ...     def setup(self):
+    ...         self.model = torch.nn.Linear(50_000, 50_000)
+    >>> measure_params(Big("big"))
+    2500050000
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from flowgraph.errors import PlanError
+
+
+def measure_params(module: object) -> int:
+    """Parameters of ``module.model`` after ``setup()`` on the meta device (0 without one)."""
+    saved = copy.copy(vars(module))
+    try:
+        with torch.device("meta"):
+            module.setup()
+        network = getattr(module, "model", None)
+        if not isinstance(network, torch.nn.Module):
+            return 0
+        return sum(p.numel() for p in network.parameters())
+    except Exception as err:
+        name = getattr(module, "name", type(module).__name__)
+        raise PlanError(
+            f"could not size model {name!r}: its setup() failed on the meta device "
+            f"({type(err).__name__}: {err}); set models.{name}.params (e.g. 7B) in the config"
+        ) from None
+    finally:
+        vars(module).clear()
+        vars(module).update(saved)
