@@ -27,6 +27,9 @@ from flowgraph.compiler.plan import format_seconds
 from flowgraph.errors import LayoutError, PlanError
 
 
+SHOWN_REJECTIONS = 4  # rejected layouts listed in the plan's notes
+
+
 @dataclass(frozen=True)
 class Group:
     """Models that share one set of ranks."""
@@ -266,6 +269,8 @@ def place(
         todo = "; or ".join(dict.fromkeys(fixes))
         raise PlanError(f"no placement fits the cluster:\n  {reasons}\nTo fix: {todo}")
     lines = ["auto placement compared (estimated episode time):", *report]
-    lines += [f"  {reason} (rejected)" for reason in rejected]
+    lines += [f"  {reason} (rejected)" for reason in rejected[:SHOWN_REJECTIONS]]
+    if len(rejected) > SHOWN_REJECTIONS:
+        lines.append(f"  ... and {len(rejected) - SHOWN_REJECTIONS} more layouts rejected")
     lines.append(f"  chosen: {best.name}")
     return best, lines

@@ -1,0 +1,78 @@
+"""Compile time of the seed's RLHF flow on 8, 1,024 and 16,384 devices, and of a
+synthetic 200-model flow on 1,024 devices (targets: 50 ms, 200 ms, 1 s; 1 s).
+
+    python benchmarks/bench_compile.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import median_seconds, report  # noqa: E402
+from seed_rlhf import Identity, build_engine, make_modules  # noqa: E402
+
+from flowgraph import Engine, Environment, Trainer  # noqa: E402
+from flowgraph.compiler.cluster import ClusterSpec  # noqa: E402
+from flowgraph.config import load_config  # noqa: E402
+
+SIZES = {"policy": "7B", "reference": "7B", "value": "1B", "reward": "1B",
+         "ppo_policy": "7B", "ppo_value": "1B"}  # fmt: skip
+
+
+def seed_config(world: int):
+    """Six models with realistic sizes; batch sizes that divide any power-of-two split."""
+    models = {name: {"params": p} for name, p in SIZES.items()}
+    for trainer in ("ppo_policy", "ppo_value"):
+        models[trainer].update(backend="deepspeed", zero_stage=3)
+    return load_config({
+        "runtime": {"sample_per_episode": 8 * world, "generation_batch_size": 8,
+                    "train_micro_batch_size": 1, "train_global_batch_size": 2 * world},
+        "models": models,
+    })  # fmt: skip
+
+
+def synthetic_engine(num_models: int) -> tuple[Engine, object]:
+    """A chain of num_models - 2 inference models and 2 trainers."""
+    chain = [Identity(f"m{i}") for i in range(num_models - 2)]
+    trainers = [Identity("t0"), Identity("t1")]
+
+    def env_flow(batch):
+        out = batch
+        for model in chain:
+            out = model.forward_step(out)
+        return out
+
+    def trainer_flow(batch):
+        for trainer in trainers:
+            trainer.train_step(batch)
+
+    models = {m.name: {"params": "100M"} for m in chain + trainers}
+    config = load_config({
+        "runtime": {"sample_per_episode": 4096, "generation_batch_size": 4,
+                    "train_micro_batch_size": 1, "train_global_batch_size": 2048},
+        "models": models,
+    })  # fmt: skip
+    return Engine(Environment(env_flow), Trainer(trainer_flow)), config
+
+
+def main() -> list[dict]:
+    results = []
+    engine = build_engine(make_modules())
+    engine.evaluator = None
+    for world, target in ((8, "< 50 ms"), (1024, "< 200 ms"), (16384, "< 1 s")):
+        config = seed_config(world)
+        cluster = ClusterSpec.from_world_size(world)
+        seconds = median_seconds(lambda: engine.compile(cluster, config), repeats=5)
+        results.append(report(f"compile seed RLHF on {world} devices", seconds * 1e3, "ms", target))
+    engine, config = synthetic_engine(200)
+    cluster = ClusterSpec.from_world_size(1024)
+    seconds = median_seconds(lambda: engine.compile(cluster, config), repeats=3)
+    results.append(report("compile 200-model chain on 1024 devices", seconds * 1e3, "ms", "< 1 s"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
