@@ -65,7 +65,7 @@ def main() -> list[dict]:
     for world, target in ((8, "< 50 ms"), (1024, "< 200 ms"), (16384, "< 1 s")):
         config = seed_config(world)
         cluster = ClusterSpec.from_world_size(world)
-        seconds = median_seconds(lambda: engine.compile(cluster, config), repeats=5)
+        seconds = median_seconds(lambda c=cluster, g=config: engine.compile(c, g), repeats=5)
         results.append(report(f"compile seed RLHF on {world} devices", seconds * 1e3, "ms", target))
     engine, config = synthetic_engine(200)
     cluster = ClusterSpec.from_world_size(1024)

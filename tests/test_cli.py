@@ -5,6 +5,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from flowgraph.cli import main
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "rlhf_toy.py"
@@ -111,3 +113,85 @@ def test_console_script_help():
         [str(flowc), "trace", "--help"], capture_output=True, text=True, check=True
     )
     assert "FILE[:OBJECT]" in result.stdout and "OBJECT names the Engine" in result.stdout
+
+
+CONFIG_8 = str(Path(__file__).parent / "configs" / "rlhf_8gpu.yaml")
+
+
+def test_compile_the_demo_on_8_gpus_golden(capsys, golden):
+    code, out, err = run(["compile", str(EXAMPLE), "--world-size", "8", "--config", CONFIG_8],
+                         capsys)  # fmt: skip
+    assert code == 0, err
+    golden("flowc_compile_rlhf_8gpu.txt", out.rstrip())
+
+
+def test_compile_json_is_the_plan(capsys):
+    from flowgraph.compiler.plan import Plan
+
+    code, out, _ = run(["compile", str(EXAMPLE), "--nodes", "2", "--gpus-per-node", "4",
+                        "--config", CONFIG_8, "--json"], capsys)  # fmt: skip
+    assert code == 0
+    plan = Plan.from_json(out)
+    assert plan.cluster.nodes == 2 and plan.to_json() == out.strip()
+
+
+def test_compile_overrides_after_options(capsys):
+    code, out, _ = run(["compile", str(EXAMPLE), "--world-size", "8", "--config", CONFIG_8,
+                        "models.ppo_policy.num_gpu=4", "models.ppo_value.num_gpu=4",
+                        "models.policy.num_gpu=4", "models.reference.num_gpu=4",
+                        "models.value.num_gpu=4", "models.reward.num_gpu=4",
+                        "runtime.colocation=[[policy,reference,value,reward],[ppo_policy,ppo_value]]"],
+                       capsys)  # fmt: skip
+    assert code == 0
+    assert "ppo_policy  r4-r7  trainer" in out
+
+
+def test_compile_dot(capsys):
+    code, out, _ = run(["compile", str(EXAMPLE), "--world-size", "8", "--config", CONFIG_8,
+                        "--dot"], capsys)  # fmt: skip
+    assert code == 0 and out.startswith("digraph flowgraph {") and out.rstrip().endswith("}")
+    assert '[style=dashed, label="sync"]' in out and "policy.forward_step" in out
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+def test_compile_draws_the_gantt_chart(tmp_path, capsys, fmt):
+    path = tmp_path / f"schedule.{fmt}"
+    code, out, _ = run(["compile", str(EXAMPLE), "--world-size", "8", "--config", CONFIG_8,
+                        f"--{fmt}", str(path)], capsys)  # fmt: skip
+    assert code == 0 and f"wrote {path}" in out
+    data = path.read_bytes()
+    assert len(data) > 5000
+    assert data.startswith(b"\x89PNG") if fmt == "png" else b"<svg" in data[:1000]
+
+
+def test_compile_infeasible_request_exit_code_and_message(capsys):
+    code, _, err = run(["compile", str(EXAMPLE), "--world-size", "8", "--config", CONFIG_8,
+                        "models.policy.num_gpu=16", "models.reference.num_gpu=1",
+                        "models.value.num_gpu=1", "models.reward.num_gpu=1",
+                        "models.ppo_policy.num_gpu=1", "models.ppo_value.num_gpu=1"],
+                       capsys)  # fmt: skip
+    assert code == 1
+    assert "PlanError: [place_models] the models need 21 devices" in err
+
+
+def test_compile_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", str(EXAMPLE)])  # no cluster size
+    assert "one of the arguments --world-size --nodes is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compile", str(EXAMPLE), "--world-size", "8", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--world-size 12 is not a multiple of 8"):
+        main(["compile", str(EXAMPLE), "--world-size", "12"])
+
+
+def test_compile_split_placement_golden(capsys, golden):
+    """Split meshes: transfers between groups, pipelined waves, broadcast weight sync."""
+    split = ["runtime.colocation=[[policy,reference],[ppo_policy,ppo_value]]",
+             "models.policy.num_gpu=2", "models.reference.num_gpu=2", "models.value.num_gpu=1",
+             "models.reward.num_gpu=1", "models.ppo_policy.num_gpu=4",
+             "models.ppo_value.num_gpu=4"]  # fmt: skip
+    code, out, err = run(["compile", str(EXAMPLE), "--world-size", "8", "--config", CONFIG_8,
+                          *split], capsys)  # fmt: skip
+    assert code == 0, err
+    golden("flowc_compile_rlhf_8gpu_split.txt", out.rstrip())

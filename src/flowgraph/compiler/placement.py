@@ -26,7 +26,6 @@ from flowgraph.compiler.cost import ModelSpec, Workload, format_bytes, memory
 from flowgraph.compiler.plan import format_seconds
 from flowgraph.errors import LayoutError, PlanError
 
-
 SHOWN_REJECTIONS = 4  # rejected layouts listed in the plan's notes
 
 
@@ -180,7 +179,9 @@ def candidate_layouts(request: PlacementRequest, unit_list: list[tuple[str, ...]
                 )
             )
     if 1 < len(unit_list) <= world:
-        layouts.append(_proportional(request, unit_list))
+        proportional = _proportional(request, unit_list)
+        if proportional is not None:
+            layouts.append(proportional)
     return layouts
 
 
@@ -189,8 +190,9 @@ def _split_points(world: int) -> list[int]:
     return sorted(p for p in points if 0 < p < world)
 
 
-def _proportional(request: PlacementRequest, unit_list: list[tuple[str, ...]]) -> Layout:
-    """Each unit alone, with devices in proportion to its compute (fixed num_gpu kept)."""
+def _proportional(request: PlacementRequest, unit_list: list[tuple[str, ...]]) -> Layout | None:
+    """Each unit alone, with devices in proportion to its compute (fixed num_gpu kept);
+    ``None`` when the units cannot each get a device."""
     world = request.cluster.world_size
     fixed = {
         i: request.num_gpu[u[0]]
@@ -203,6 +205,13 @@ def _proportional(request: PlacementRequest, unit_list: list[tuple[str, ...]]) -
     sizes = dict(fixed)
     for i, load in loads.items():
         sizes[i] = max(1, _power_of_two_floor(free * load / total))
+    # Rounding every unit up to one device may overshoot: halve the largest until it fits.
+    while sum(sizes.values()) > world:
+        shrinkable = [i for i in loads if sizes[i] > 1]
+        if not shrinkable:
+            return None
+        largest = max(shrinkable, key=lambda k: (sizes[k], -k))
+        sizes[largest] //= 2
     # Hand leftover devices to the heaviest units, doubling while they fit.
     for i in sorted(loads, key=lambda k: (-loads[k], k)):
         while sum(sizes.values()) + sizes[i] <= world:
