@@ -1,7 +1,8 @@
 """Compile time of the seed's RLHF flow on 8, 1,024 and 16,384 devices, and of a
 synthetic 200-model flow on 1,024 devices (targets: 50 ms, 200 ms, 1 s; 1 s).
 
-    python benchmarks/bench_compile.py
+    python benchmarks/bench_compile.py            # the four targets
+    python benchmarks/bench_compile.py --growth   # plus growth with devices and models
 """
 
 from __future__ import annotations
@@ -74,5 +75,22 @@ def main() -> list[dict]:
     return results
 
 
+def growth() -> None:
+    """How compile time grows with devices (seed RLHF) and with models (chain, 1024 devices)."""
+    engine = build_engine(make_modules())
+    engine.evaluator = None
+    for world in (8, 64, 512, 1024, 4096, 16384):
+        config, cluster = seed_config(world), ClusterSpec.from_world_size(world)
+        seconds = median_seconds(lambda c=cluster, g=config: engine.compile(c, g), repeats=3)
+        report(f"  growth: seed RLHF on {world} devices", seconds * 1e3, "ms")
+    for models in (10, 50, 100, 200):
+        chain, config = synthetic_engine(models)
+        cluster = ClusterSpec.from_world_size(1024)
+        seconds = median_seconds(lambda e=chain, g=config: e.compile(cluster, g), repeats=3)
+        report(f"  growth: {models}-model chain on 1024 devices", seconds * 1e3, "ms")
+
+
 if __name__ == "__main__":
     main()
+    if "--growth" in sys.argv:
+        growth()
