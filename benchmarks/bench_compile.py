@@ -86,7 +86,7 @@ def growth() -> None:
     for models in (10, 50, 100, 200):
         chain, config = synthetic_engine(models)
         cluster = ClusterSpec.from_world_size(1024)
-        seconds = median_seconds(lambda e=chain, g=config: e.compile(cluster, g), repeats=3)
+        seconds = median_seconds(lambda e=chain, g=config, c=cluster: e.compile(c, g), repeats=3)
         report(f"  growth: {models}-model chain on 1024 devices", seconds * 1e3, "ms")
 
 
