@@ -18,6 +18,7 @@ from flowgraph.compiler.graph import TRAIN_METHOD, Graph, Node
 from flowgraph.data import Batch, concat, merge_inputs, split
 from flowgraph.errors import DataError
 from flowgraph.module import BaseModule
+from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.telemetry import MetricAverager, StageTimer
 
 
@@ -37,6 +38,7 @@ class GraphRunner:
 
     def __init__(self, graph: Graph, modules: Mapping[str, BaseModule], stage: str) -> None:
         self.graph = graph
+        self.stage = stage
         self.input_name = graph.input_node.name
         self.returned = graph.returned
         self.steps = [
@@ -50,14 +52,27 @@ class GraphRunner:
             for node in graph.calls()
         ]
 
-    def run_inference(self, batch: Batch, timer: StageTimer) -> Batch | None:
-        """One micro-batch through the graph; returns the flow's returned batch."""
+    def run_inference(self, batch: Batch, timer: StageTimer, rng: tuple = ()) -> Batch | None:
+        """One micro-batch through the graph; returns the flow's returned batch.
+
+        ``rng`` (run seed, episode, micro-batch index) reseeds the generators before every
+        model call, so results do not depend on which rank computes the micro-batch.
+        """
         values: dict[str, Any] = {self.input_name: batch}
         for step in self.steps:
-            data = self._merged_input(step, values)
-            with timer.stage(step.timer_key):
-                values[step.node.name] = self._call_chunked(step, data)
+            values[step.node.name] = self.run_node(step, values, timer, rng)
         return values[self.returned.name] if self.returned is not None else None
+
+    def run_node(
+        self, step: _Step, values: Mapping[str, Any], timer: StageTimer, rng: tuple = ()
+    ) -> Batch:
+        """One model call on one micro-batch, its inputs taken from ``values``."""
+        data = self._merged_input(step, values)
+        if rng:
+            seed, *where = rng
+            reseed(seed, self.stage, step.node.name, *where)
+        with timer.stage(step.timer_key):
+            return self._call_chunked(step, data)
 
     def run_train(
         self, micro_batches: Sequence[Batch], timer: StageTimer, metrics: MetricAverager

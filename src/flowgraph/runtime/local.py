@@ -9,18 +9,16 @@ when ``eval_episode_interval`` divides it, then log one line.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from flowgraph.compiler.graph import Graph
 from flowgraph.config import Config
 from flowgraph.data import Batch, Dataset, StreamDataset, collate, split
 from flowgraph.module import BaseModule
 from flowgraph.runtime.graph_runner import GraphRunner
+from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
 
@@ -62,8 +60,8 @@ class LocalRunner:
         self.history: list[EpisodeRecord] = []
 
     def run(self) -> list[EpisodeRecord]:
-        self._seed_everything()
         for module in self.job.modules.values():
+            reseed(self.runtime.seed, "setup", module.name)
             module.setup()
         self.sync_plans = [SyncPlan.build(src, dst) for src, dst in self.job.syncs]
         for plan in self.sync_plans:
@@ -84,7 +82,7 @@ class LocalRunner:
         )
         record.samples = len(samples)
         with timer.stage("env"):
-            outputs = self._run_env(samples, timer)
+            outputs = self._run_env(samples, episode, timer)
         if self.trainer is not None:
             with timer.stage("train"):
                 self._train(StreamDataset(outputs), episode, timer, record)
@@ -99,14 +97,19 @@ class LocalRunner:
             self._evaluate(record)
         return record
 
-    def _run_env(self, samples: list[dict[str, Any]], timer: StageTimer) -> list[Batch]:
+    def _run_env(
+        self, samples: list[dict[str, Any]], episode: int, timer: StageTimer
+    ) -> list[Batch]:
         micro_batches = [
             collate(samples[i : i + self.runtime.generation_batch_size])
             for i in range(0, len(samples), self.runtime.generation_batch_size)
         ]
         if self.env is None:
             return micro_batches
-        outputs = [self.env.run_inference(mb, timer) for mb in micro_batches]
+        outputs = [
+            self.env.run_inference(mb, timer, (self.runtime.seed, episode, k))
+            for k, mb in enumerate(micro_batches)
+        ]
         return [out for out in outputs if out is not None]
 
     def _train(
@@ -128,7 +131,9 @@ class LocalRunner:
             size = self.runtime.generation_batch_size
             samples = job.dataset.samples
             results = [
-                self.evaluator.run_inference(collate(samples[i : i + size]), timer)
+                self.evaluator.run_inference(
+                    collate(samples[i : i + size]), timer, (self.runtime.seed, record.episode, i)
+                )
                 for i in range(0, len(samples), size)
             ]
             metrics = job.post_process([r for r in results if r is not None])
@@ -146,7 +151,3 @@ class LocalRunner:
         self.metrics_log.write(record)
         if self.runtime.log_episodes:
             self.job.log(str(record))
-
-    def _seed_everything(self) -> None:
-        random.seed(self.runtime.seed)
-        torch.manual_seed(self.runtime.seed)
