@@ -311,8 +311,19 @@ def test_large_plans_collapse_ranks_into_groups():
 
 def test_eval_outputs_are_gathered_on_rank_zero():
     plan = compile_on(8, explicit_8(), engine=rlhf_engine(with_eval=True))
-    gathers = [i for s in plan.streams for i in s.instructions if i.op == "GATHER"]
+    gathers = [i for s in plan.streams for i in s.instructions
+               if i.op == "GATHER" and i.phase == "eval"]  # fmt: skip
     assert gathers and all(0 in g.dst_ranks for g in gathers)
+
+
+def test_env_output_is_gathered_on_every_trainer_rank_before_training():
+    plan = compile_on(8, explicit_8())
+    trainer_stream = plan.streams[-1]  # r4-r7
+    ops = [str(i) for i in trainer_stream.instructions]
+    gathers = [i for i, text in enumerate(ops) if text.startswith("GATHER")]
+    first_train = next(i for i, text in enumerate(ops) if text.startswith("TRAIN"))
+    assert len(gathers) == plan.waves["env"] and max(gathers) < first_train
+    assert ops[gathers[0]] == "GATHER mb0 %reward_forward_step r3->r4-r7"
 
 
 def test_trainer_only_and_env_only_programs_compile():

@@ -11,8 +11,9 @@ one by one (disjoint groups pipeline: policy works on wave 1 while reward scores
 groups of colocated models run stage by stage (all waves of one model, then the next),
 which keeps device memory for one model at a time. A node's output is sent (asynchronously)
 once to every other group that consumes it, right after it is produced, and received
-right before its first use; the env's output goes to the trainers' groups, received
-after their own env work; eval outputs are gathered on rank 0's group.
+right before its first use. At the end of the env phase the env's output is gathered on
+every rank of each trainer group (trainers shuffle the whole episode's data into global
+steps); eval outputs are gathered on rank 0's group.
 """
 
 from __future__ import annotations
@@ -84,23 +85,20 @@ def waves_for(meshes: list[int], microbatches: int, phase: str, exact: bool) -> 
     return max(1, math.ceil(microbatches / width))
 
 
-def _graph_phase(b: _Builder, graph: Graph, phase: str, waves: int, sink: set[int]) -> None:
+def _graph_phase(b: _Builder, graph: Graph, phase: str, waves: int) -> None:
     """Schedule one graph over ``waves`` iterations (waves, or global steps for train).
 
     Every group's stream is built on its own: RECV right before the first use of a remote
     input, RUN/TRAIN, then an (asynchronous) SEND to every other group that consumes the
-    output. ``sink`` groups also receive the graph's returned output, after their own work.
+    output.
     """
     calls = graph.calls()
     input_name = graph.input_node.name
-    returned = graph.returned.name if graph.returned is not None else None
     consumers: dict[str, set[int]] = {n.name: set() for n in calls}
     for node in calls:
         for producer in node.inputs:
             if producer != input_name:
                 consumers[producer].add(b.group_of[node.model])
-    if returned is not None:
-        consumers[returned] |= sink
     for group in range(len(b.streams)):
         own = [n for n in calls if b.group_of[n.model] == group]
         if len({n.model for n in own}) > 1:  # colocated: stage by stage
@@ -120,15 +118,12 @@ def _graph_phase(b: _Builder, graph: Graph, phase: str, waves: int, sink: set[in
                 b.emit(group, Instruction("RUN", phase, node.target, mb=wave))
             for dst in sorted(consumers[node.name] - {group}):
                 b.emit(group, b.transfer("SEND", phase, node.name, wave, group, dst))
-        if returned is not None and group in sink:
-            src = b.group_of[graph.node(returned).model]
-            for wave in range(waves):
-                if src != group and (returned, wave) not in received:
-                    b.emit(group, b.transfer("RECV", phase, returned, wave, src, group))
 
 
 def _gather(b: _Builder, graph: Graph, phase: str, waves: int, dst: int) -> None:
-    """Collect the graph's returned output on group ``dst`` (a collective per wave)."""
+    """Collect the graph's returned output on every rank of group ``dst``: one collective
+    per wave, after both groups' own work in the phase (an all-gather when ``dst`` is the
+    producing group itself)."""
     if graph.returned is None:
         return
     src = b.group_of[graph.returned.model]
@@ -148,10 +143,12 @@ def schedule(inp: ScheduleInput) -> list[RankStream]:
         env_waves = waves_for(
             [mesh_size[m] for m in env.models()], inp.env_microbatches, "env", exact=True
         )
-        trainers = {b.group_of[m] for m in trainer.models()} if trainer is not None else set()
-        _graph_phase(b, env, "env", env_waves, trainers)
+        _graph_phase(b, env, "env", env_waves)
+        if trainer is not None:  # every trainer rank holds the whole episode's data
+            for group in sorted({b.group_of[m] for m in trainer.models()}):
+                _gather(b, env, "env", env_waves, group)
     if trainer is not None:
-        _graph_phase(b, trainer, "train", inp.train_steps, set())
+        _graph_phase(b, trainer, "train", inp.train_steps)
     for pair in inp.syncs:
         src, dst = b.group_of[pair.src], b.group_of[pair.dst]
         if src == dst:
@@ -172,7 +169,7 @@ def schedule(inp: ScheduleInput) -> list[RankStream]:
         eval_waves = waves_for(
             [mesh_size[m] for m in evaluation.models()], inp.eval_microbatches, "eval", exact=False
         )
-        _graph_phase(b, evaluation, "eval", eval_waves, set())
+        _graph_phase(b, evaluation, "eval", eval_waves)
         rank0 = next(i for i, s in enumerate(b.streams) if 0 in s.ranks)
         _gather(b, evaluation, "eval", eval_waves, rank0)
     for stream in b.streams:
