@@ -82,12 +82,14 @@ class Trained(Recorded):
         self.calls.append(("train_step", [batch_size(mb) for mb in micro_batches]))
         self.optimizer.zero_grad()
         total = sum(batch_size(mb) for mb in micro_batches)
+        loss_sum = 0.0
         for mb in micro_batches:
             target = mb.get("reward", torch.zeros(batch_size(mb)))
             loss = ((self.model(mb["x"]).sum(-1) - target) ** 2).sum() / total
             loss.backward()
+            loss_sum += loss.item()
         self.optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": loss_sum}  # the mean over this step's samples
 
 
 class PolicyTrainer(Trained):

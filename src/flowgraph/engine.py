@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.compiler.graph import TRAIN_METHOD, Graph
@@ -28,10 +29,13 @@ from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
 from flowgraph.config import Config, current_config, pending_settings
 from flowgraph.data import Batch, Dataset
-from flowgraph.errors import ConfigError, EngineError, FlowDefinitionError
+from flowgraph.errors import ConfigError, EngineError, FlowDefinitionError, PlanError
 from flowgraph.module import BaseModule
+from flowgraph.runtime.executor import SpmdRunner
+from flowgraph.runtime.launch import DistContext
 from flowgraph.runtime.local import EvalJob, LocalJob, LocalRunner
 from flowgraph.runtime.telemetry import EpisodeRecord
+from flowgraph.runtime.transport import all_gather_objects
 
 log = logging.getLogger("flowgraph")
 
@@ -318,7 +322,28 @@ class Engine:
             eval=self._eval_job(config),
             syncs=self.syncs,
         )
-        return LocalRunner(job).run()
+        ctx = DistContext.from_env()
+        if ctx is None:
+            return LocalRunner(job).run()
+        return self._learn_spmd(job, config, ctx)
+
+    def _learn_spmd(self, job: LocalJob, config: Config, ctx: DistContext) -> list[EpisodeRecord]:
+        """Under torchrun: every rank compiles the plan, checks it against rank 0's, and
+        runs its own stream. Rank 0 returns the episode records; other ranks return []."""
+        ctx.init(config.runtime.timeout_s)
+        if ctx.device.type == "cpu":
+            cluster = ClusterSpec.cpu(ctx.world_size, nodes=ctx.nodes)
+        else:
+            cluster = ClusterSpec.from_world_size(ctx.world_size, ctx.local_world_size)
+        plan = compile_plan(self.program(config), config, cluster)
+        hashes = all_gather_objects(plan.hash(), dist.group.WORLD)
+        if len(set(hashes)) > 1:
+            differing = [r for r, h in enumerate(hashes) if h != hashes[0]]
+            raise PlanError(
+                f"rank(s) {differing} compiled a different plan than rank 0 ({hashes[0]}): "
+                "every rank must run the same script with the same config and overrides"
+            )
+        return SpmdRunner(job, plan, ctx).run()
 
     def _eval_job(self, config: Config) -> EvalJob | None:
         if self.evaluator is None:

@@ -23,16 +23,18 @@ import torch
 from flowgraph.errors import PlanError
 
 
-def measure_params(module: object) -> int:
-    """Parameters of ``module.model`` after ``setup()`` on the meta device (0 without one)."""
+def meta_parameters(module: object) -> dict[str, torch.Tensor]:
+    """``module.model``'s parameters as meta tensors (shape and dtype, no storage), from
+    running ``setup()`` on the meta device; empty when setup builds no ``nn.Module``."""
     saved = copy.copy(vars(module))
     try:
         with torch.device("meta"):
             module.setup()
         network = getattr(module, "model", None)
         if not isinstance(network, torch.nn.Module):
-            return 0
-        return sum(p.numel() for p in network.parameters())
+            return {}
+        network = getattr(network, "module", network)
+        return dict(network.named_parameters())
     except Exception as err:
         name = getattr(module, "name", type(module).__name__)
         raise PlanError(
@@ -42,3 +44,8 @@ def measure_params(module: object) -> int:
     finally:
         vars(module).clear()
         vars(module).update(saved)
+
+
+def measure_params(module: object) -> int:
+    """Parameters of ``module.model`` after ``setup()`` on the meta device (0 without one)."""
+    return sum(p.numel() for p in meta_parameters(module).values())

@@ -63,6 +63,10 @@ class GraphRunner:
             values[step.node.name] = self.run_node(step, values, timer, rng)
         return values[self.returned.name] if self.returned is not None else None
 
+    def step_for(self, name: str) -> _Step:
+        """The resolved step of node ``name``."""
+        return next(step for step in self.steps if step.node.name == name)
+
     def run_node(
         self, step: _Step, values: Mapping[str, Any], timer: StageTimer, rng: tuple = ()
     ) -> Batch:
@@ -75,23 +79,40 @@ class GraphRunner:
             return self._call_chunked(step, data)
 
     def run_train(
-        self, micro_batches: Sequence[Batch], timer: StageTimer, metrics: MetricAverager
+        self,
+        micro_batches: Sequence[Batch],
+        timer: StageTimer,
+        metrics: MetricAverager,
+        rng: tuple = (),
     ) -> None:
         """One global step: ``train_step`` gets the list of micro-batches; other model
         calls in a trainer flow run per micro-batch."""
-        values: dict[str, Any] = {self.input_name: list(micro_batches)}
+        values: dict[str, list[Any]] = {self.input_name: list(micro_batches)}
         for step in self.steps:
-            per_micro = [
-                self._merged_input(step, {k: v[i] for k, v in values.items()})
-                for i in range(len(micro_batches))
-            ]
-            with timer.stage(step.timer_key):
-                if step.node.method == TRAIN_METHOD:
-                    result = self._call(step, per_micro)
-                    metrics.add(step.module.name, result if isinstance(result, Mapping) else None)
-                    values[step.node.name] = [None] * len(micro_batches)
-                else:
-                    values[step.node.name] = [self._call(step, mb) for mb in per_micro]
+            values[step.node.name] = self.run_train_node(step, values, timer, metrics, rng)
+
+    def run_train_node(
+        self,
+        step: _Step,
+        values: Mapping[str, list[Any]],
+        timer: StageTimer,
+        metrics: MetricAverager,
+        rng: tuple = (),
+    ) -> list[Any]:
+        """One node of a trainer graph on one global step (``values``: per micro-batch)."""
+        count = len(values[self.input_name])
+        per_micro = [
+            self._merged_input(step, {k: v[i] for k, v in values.items()}) for i in range(count)
+        ]
+        if rng:
+            seed, *where = rng
+            reseed(seed, self.stage, step.node.name, *where)
+        with timer.stage(step.timer_key):
+            if step.node.method == TRAIN_METHOD:
+                result = self._call(step, per_micro)
+                metrics.add(step.module.name, result if isinstance(result, Mapping) else None)
+                return [None] * count
+            return [self._call(step, mb) for mb in per_micro]
 
     @staticmethod
     def _merged_input(step: _Step, values: Mapping[str, Any]) -> Batch:

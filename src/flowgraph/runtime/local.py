@@ -15,8 +15,9 @@ from typing import Any
 
 from flowgraph.compiler.graph import Graph
 from flowgraph.config import Config
-from flowgraph.data import Batch, Dataset, StreamDataset, collate, split
+from flowgraph.data import Batch, Dataset, batch_size
 from flowgraph.module import BaseModule
+from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
 from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import SyncPlan
@@ -77,15 +78,13 @@ class LocalRunner:
     def run_episode(self, episode: int) -> EpisodeRecord:
         record = self._new_record(episode)
         timer = StageTimer()
-        samples = self.job.dataset.draw(
-            (episode - 1) * self.runtime.sample_per_episode, self.runtime.sample_per_episode
-        )
-        record.samples = len(samples)
+        inputs = env_micro_batches(self.job.dataset, self.runtime, episode)
+        record.samples = sum(batch_size(mb) for mb in inputs)
         with timer.stage("env"):
-            outputs = self._run_env(samples, episode, timer)
+            outputs = self._run_env(inputs, episode, timer)
         if self.trainer is not None:
             with timer.stage("train"):
-                self._train(StreamDataset(outputs), episode, timer, record)
+                self._train(outputs, episode, timer, record)
         due = [p for p in self.sync_plans if episode % self._sync_frequency(p) == 0]
         if due:
             with timer.stage("sync"):
@@ -97,44 +96,30 @@ class LocalRunner:
             self._evaluate(record)
         return record
 
-    def _run_env(
-        self, samples: list[dict[str, Any]], episode: int, timer: StageTimer
-    ) -> list[Batch]:
-        micro_batches = [
-            collate(samples[i : i + self.runtime.generation_batch_size])
-            for i in range(0, len(samples), self.runtime.generation_batch_size)
-        ]
+    def _run_env(self, inputs: list[Batch], episode: int, timer: StageTimer) -> list[Batch]:
         if self.env is None:
-            return micro_batches
+            return inputs
         outputs = [
             self.env.run_inference(mb, timer, (self.runtime.seed, episode, k))
-            for k, mb in enumerate(micro_batches)
+            for k, mb in enumerate(inputs)
         ]
         return [out for out in outputs if out is not None]
 
     def _train(
-        self, stream: StreamDataset, episode: int, timer: StageTimer, record: EpisodeRecord
+        self, outputs: list[Batch], episode: int, timer: StageTimer, record: EpisodeRecord
     ) -> None:
         metrics = MetricAverager()
-        global_size = self.runtime.global_batch_size
-        for epoch in range(self.runtime.num_training_epoch):
-            seed = self.runtime.seed + episode
-            for global_batch in stream.global_batches(global_size, seed=seed, epoch=epoch):
-                micro = split(global_batch, self.runtime.train_micro_batch_size)
-                self.trainer.run_train(micro, timer, metrics)
+        for step, micro in enumerate(training_steps(outputs, self.runtime, episode)):
+            self.trainer.run_train(micro, timer, metrics, (self.runtime.seed, episode, step))
         record.metrics.update(metrics.means())
 
     def _evaluate(self, record: EpisodeRecord) -> None:
         job = self.job.eval
         timer = StageTimer()
         with timer.stage("eval"):
-            size = self.runtime.generation_batch_size
-            samples = job.dataset.samples
             results = [
-                self.evaluator.run_inference(
-                    collate(samples[i : i + size]), timer, (self.runtime.seed, record.episode, i)
-                )
-                for i in range(0, len(samples), size)
+                self.evaluator.run_inference(mb, timer, (self.runtime.seed, record.episode, k))
+                for k, mb in enumerate(eval_micro_batches(job.dataset, self.runtime))
             ]
             metrics = job.post_process([r for r in results if r is not None])
         record.stages.update(timer.seconds)

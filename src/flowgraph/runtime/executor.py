@@ -1,0 +1,455 @@
+"""The SPMD executor: every rank interprets its own instruction stream of the plan.
+
+Ownership: in a phase whose waves are ``L`` micro-batches wide, data-parallel rank ``d``
+of a mesh of ``n`` ranks owns micro-batches ``w*L + d*L/n ... w*L + (d+1)*L/n - 1`` of
+wave ``w``. It computes them (``RUN``), sends each to the rank of the consuming mesh
+that owns it (``SEND``/``RECV``), and contributes them to ``GATHER``s. Trainer ranks hold
+the whole episode's output, cut it into the same global steps as a single process, and
+each trains on its contiguous share of every step's micro-batches; DDP averages the
+gradients, so the result equals the single-process run.
+
+A failure on any rank is reported with the rank, the instruction, the model and the
+user's source line, published to the other ranks, and ends the process; torchrun then
+stops the rest. A rank that waits longer than ``runtime.timeout_s`` reports which
+instruction it was waiting at and for whom.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flowgraph.compiler.graph import TRAIN_METHOD, Graph, Node
+from flowgraph.compiler.plan import Instruction, Plan
+from flowgraph.compiler.sizing import meta_parameters
+from flowgraph.data import Batch, batch_size
+from flowgraph.module import BaseModule, TorchModule
+from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
+from flowgraph.runtime.graph_runner import GraphRunner
+from flowgraph.runtime.launch import DistContext, format_exception
+from flowgraph.runtime.local import LocalJob
+from flowgraph.runtime.rng import reseed
+from flowgraph.runtime.sync import SyncPlan, check_torch_modules, match_parameters
+from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
+from flowgraph.runtime.transport import Outbox, all_gather_objects, recv_batch
+
+
+def owned(wave: int, width: int, ranks: tuple[int, ...], rank: int, total: int) -> list[int]:
+    """Micro-batches of ``wave`` that ``rank`` owns in a mesh of ``ranks``."""
+    share = width // len(ranks)
+    first = wave * width + ranks.index(rank) * share
+    return [k for k in range(first, first + share) if k < total]
+
+
+def owner(k: int, width: int, ranks: tuple[int, ...]) -> int:
+    """The rank of mesh ``ranks`` that owns micro-batch ``k``."""
+    return ranks[(k % width) // (width // len(ranks))]
+
+
+class CrossSync:
+    """Weights of ``src`` broadcast bucket by bucket to ``dst`` on other ranks.
+
+    Both sides agree on the tensor order (the source's parameter order) and on the bucket
+    boundaries without talking: the shapes of the side that is not local come from running
+    its ``setup()`` on the meta device.
+    """
+
+    def __init__(
+        self,
+        src: BaseModule,
+        dst: BaseModule,
+        buckets: int,
+        rank: int,
+        src_ranks: tuple[int, ...],
+        dst_ranks: tuple[int, ...],
+    ) -> None:
+        check_torch_modules(src, dst)
+        self.rank, self.root = rank, src_ranks[0]
+        src_params = dict(src.sync_parameters()) if rank in src_ranks else meta_parameters(src)
+        dst_params = dict(dst.sync_parameters()) if rank in dst_ranks else meta_parameters(dst)
+        names = match_parameters(src, dst, src_params, dst_params)
+        local = src_params if rank in src_ranks else dst_params
+        self.tensors = [local[s if rank in src_ranks else d] for s, d in names]
+        sizes = [src_params[s].numel() * src_params[s].element_size() for s, _ in names]
+        self.buckets = _partition(sizes, buckets)
+        self.sends = rank in src_ranks
+
+    def broadcast(self, bucket: int, group: object) -> None:
+        tensors = [self.tensors[i] for i in self.buckets[bucket]]
+        if not tensors:
+            return
+        device = tensors[0].device
+        if self.rank == self.root:
+            flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+        else:
+            flat = torch.empty(
+                sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8, device=device
+            )
+        dist.broadcast(flat, src=self.root, group=group)
+        if self.sends:
+            return
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                n = t.numel() * t.element_size()
+                t.copy_(flat[offset : offset + n].view(t.dtype).reshape(t.shape))
+                offset += n
+
+
+def _partition(sizes: list[int], buckets: int) -> list[list[int]]:
+    """Indices of ``sizes`` cut into ``buckets`` contiguous runs of about equal bytes."""
+    total = sum(sizes) or 1
+    out: list[list[int]] = [[] for _ in range(buckets)]
+    running = 0
+    for i, size in enumerate(sizes):
+        out[min(buckets - 1, running * buckets // total)].append(i)
+        running += size
+    return out
+
+
+@dataclass
+class _Phase:
+    graph: Graph
+    runner: GraphRunner
+    width: int
+    total: int = 0
+
+
+class SpmdRunner:
+    """Runs a ``LocalJob`` on this rank of a torchrun job, following ``plan``."""
+
+    def __init__(self, job: LocalJob, plan: Plan, ctx: DistContext) -> None:
+        self.job, self.plan, self.ctx = job, plan, ctx
+        self.runtime = job.config.runtime
+        self.rank = ctx.rank
+        self.stream = next((s for s in plan.streams if self.rank in s.ranks), None)
+        self.mesh = {p.model: p.ranks for p in plan.placement}
+        self.hosted = [m for m, ranks in self.mesh.items() if self.rank in ranks]
+        self.phases: dict[str, _Phase] = {}
+        for phase, graph in (
+            ("env", job.env),
+            ("train", job.trainer),
+            ("eval", job.eval and job.eval.graph),
+        ):
+            if graph is not None:
+                sizes = [len(self.mesh[m]) for m in graph.models()] or [1]
+                self.phases[phase] = _Phase(
+                    graph, GraphRunner(graph, job.modules, phase), math.lcm(*sizes)
+                )
+        self.tags = _transfer_tags(plan)
+        self.outbox = Outbox(ctx.device)
+        self.metrics_log = MetricsLog(self.runtime.log_dir if self.rank == 0 else None)
+        self.history: list[EpisodeRecord] = []
+        self.episode = 0
+        self.local_syncs: dict[tuple[str, str], SyncPlan] = {}
+        self.cross_syncs: dict[tuple[str, str], CrossSync] = {}
+
+    # -- set-up --------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.ctx.new_groups(self._rank_sets())
+        for name in self.hosted:
+            module = self.job.modules[name]
+            reseed(self.runtime.seed, "setup", name)
+            module.setup()
+            if module.trainable and isinstance(module, TorchModule) and len(self.mesh[name]) > 1:
+                self._wrap_ddp(module)
+        for src, dst in self.job.syncs:
+            key = (src.name, dst.name)
+            if self.mesh[src.name] == self.mesh[dst.name]:
+                if self.rank in self.mesh[src.name]:
+                    self.local_syncs[key] = SyncPlan.build(src, dst)
+            elif self.rank in self.mesh[src.name] or self.rank in self.mesh[dst.name]:
+                self.cross_syncs[key] = CrossSync(
+                    src,
+                    dst,
+                    self._bucket_count(key),
+                    self.rank,
+                    self.mesh[src.name],
+                    self.mesh[dst.name],
+                )
+
+    def _rank_sets(self) -> list[tuple[int, ...]]:
+        sets = [s.ranks for s in self.plan.streams]
+        for stream in self.plan.streams:
+            for ins in stream.instructions:
+                if ins.op in ("GATHER", "BCAST"):
+                    sets.append(tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks))))
+        return sets
+
+    def _wrap_ddp(self, module: TorchModule) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if module.model is None:
+            return
+        ranks = self.mesh[module.name]
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        module.model = DistributedDataParallel(
+            module.model.to(self.ctx.device),
+            device_ids=device_ids,
+            process_group=self.ctx.group(ranks),
+        )
+
+    def _bucket_count(self, key: tuple[str, str]) -> int:
+        target = f"{key[0]}->{key[1]}"
+        buckets = {
+            ins.bucket
+            for s in self.plan.streams
+            for ins in s.instructions
+            if ins.op == "BCAST" and ins.target == target
+        }
+        return max(1, len(buckets))
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self) -> list[EpisodeRecord]:
+        self.setup()
+        self._run_phase("sync", episode=0, every_pair=True)  # inference starts from trainers
+        if "eval" in self.phases and self.runtime.enable_eval_before_training:
+            self._finish(self._episode(0, phases=("eval",)))
+        for episode in range(1, self.runtime.num_episode + 1):
+            self._finish(self._episode(episode))
+        self._teardown()
+        return self.history
+
+    def _episode(self, episode: int, phases: tuple[str, ...] = ("env", "train", "sync", "eval")):
+        timer, metrics = StageTimer(), MetricAverager()
+        self.values: dict[tuple[str, int], Any] = {}
+        self.episode, self.timer, self.metrics = episode, timer, metrics
+        self.counters: dict[tuple, int] = defaultdict(int)
+        self.train_steps: list[list[Batch]] | None = None
+        if "env" in phases:
+            self.inputs = env_micro_batches(self.job.dataset, self.runtime, episode)
+            if "env" in self.phases:
+                self.phases["env"].total = len(self.inputs)
+        interval = self.runtime.eval_episode_interval
+        eval_due = "eval" in self.phases and (
+            episode == 0 or (interval and episode % interval == 0)
+        )
+        if eval_due:
+            self.eval_inputs = eval_micro_batches(self.job.eval.dataset, self.runtime)
+            self.phases["eval"].total = len(self.eval_inputs)
+        for phase in phases:
+            if phase == "eval" and not eval_due:
+                continue
+            with timer.stage(phase):
+                self._run_phase(phase, episode)
+        self.outbox.wait()
+        record = EpisodeRecord(episode, self.runtime.num_episode, samples=0)
+        if "env" in phases:
+            record.samples = sum(batch_size(mb) for mb in self.inputs)
+        record.stages.update(timer.seconds)
+        record.metrics.update(metrics.means())
+        if eval_due and self.rank == 0:
+            results = self._phase_outputs("eval")
+            metrics = self.job.eval.post_process(results) or {}
+            record.metrics.update({f"eval/{k}": v for k, v in metrics.items()})
+        return record
+
+    def _phase_outputs(self, phase: str) -> list[Batch]:
+        """The returned node's value for every micro-batch of the phase, in order (on a rank
+        that gathered them)."""
+        returned = self.phases[phase].graph.returned
+        if returned is None:
+            return []
+        return [self.values[(returned.name, k)] for k in range(self.phases[phase].total)]
+
+    def _run_phase(self, phase: str, episode: int, every_pair: bool = False) -> None:
+        if self.stream is None:
+            return
+        for ins in self.stream.instructions:
+            if ins.phase != phase:
+                continue
+            if phase == "sync" and not (every_pair or self._sync_due(ins, episode)):
+                continue
+            try:
+                self._execute(ins)
+            except Exception as err:
+                self._fail(ins, err)
+
+    def _sync_due(self, ins: Instruction, episode: int) -> bool:
+        dst = ins.target.split("->")[1]
+        return episode % self.job.config.model(dst).sync_frequency == 0
+
+    # -- instructions --------------------------------------------------------------------
+    def _execute(self, ins: Instruction) -> None:
+        handler = getattr(self, f"_op_{ins.op.lower()}")
+        handler(ins)
+
+    def _node(self, ins: Instruction, method_target: str, index_key: object) -> Node:
+        """The graph node an instruction refers to (the n-th call of the same target)."""
+        graph = self.phases[ins.phase].graph
+        candidates = [n for n in graph.calls() if n.target == method_target]
+        key = (ins.phase, method_target, index_key)
+        n = self.counters[key]
+        self.counters[key] += 1
+        return candidates[n % len(candidates)]
+
+    def _input(self, phase: str, k: int) -> Batch:
+        return self.inputs[k] if phase == "env" else self.eval_inputs[k]
+
+    def _op_run(self, ins: Instruction) -> None:
+        node = self._node(ins, ins.target, ins.mb)
+        phase = self.phases[ins.phase]
+        if ins.phase == "train":
+            self._train_node(node, ins.mb)
+            return
+        step = phase.runner.step_for(node.name)
+        ranks = self.mesh[node.model]
+        for k in owned(ins.mb, phase.width, ranks, self.rank, phase.total):
+            values = {name: self._value(ins.phase, name, k) for name in node.inputs}
+            self.values[(node.name, k)] = phase.runner.run_node(
+                step, values, self.timer, (self.runtime.seed, self.episode, k)
+            )
+
+    def _value(self, phase: str, name: str, k: int) -> Batch:
+        if name == self.phases[phase].graph.input_node.name:
+            return self._input(phase, k)
+        return self.values[(name, k)]
+
+    def _op_send(self, ins: Instruction) -> None:
+        phase = self.phases[ins.phase]
+        name = ins.target.removeprefix("%")
+        for k in owned(ins.mb, phase.width, ins.src_ranks, self.rank, phase.total):
+            dst = owner(k, phase.width, ins.dst_ranks)
+            self.outbox.send(self.values[(name, k)], dst, self.tags[ins.key()])
+
+    def _op_recv(self, ins: Instruction) -> None:
+        phase = self.phases[ins.phase]
+        name = ins.target.removeprefix("%")
+        for k in owned(ins.mb, phase.width, ins.dst_ranks, self.rank, phase.total):
+            src = owner(k, phase.width, ins.src_ranks)
+            self.values[(name, k)] = recv_batch(src, self.tags[ins.key()], self.ctx.device)
+
+    def _op_gather(self, ins: Instruction) -> None:
+        phase = self.phases[ins.phase]
+        name = ins.target.removeprefix("%")
+        mine = {}
+        if self.rank in ins.src_ranks:
+            ks = owned(ins.mb, phase.width, ins.src_ranks, self.rank, phase.total)
+            mine = {k: self.values[(name, k)] for k in ks}
+        members = tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks)))
+        group = self.ctx.group(members) if len(members) > 1 else None
+        if self.rank in ins.dst_ranks:
+            for part in all_gather_objects(mine, group):
+                for k, value in part.items():
+                    self.values[(name, k)] = value
+        else:
+            all_gather_objects(mine, group)
+
+    def _op_train(self, ins: Instruction) -> None:
+        graph = self.phases["train"].graph
+        node = self._node(ins, f"{ins.target}.{TRAIN_METHOD}", ins.step)
+        assert node.method == TRAIN_METHOD and graph is not None
+        self._train_node(node, ins.step)
+
+    def _train_node(self, node: Node, step_index: int) -> None:
+        phase = self.phases["train"]
+        if self.train_steps is None:
+            outputs = self._phase_outputs("env") if "env" in self.phases else self.inputs
+            self.train_steps = training_steps(outputs, self.runtime, self.episode)
+        micro = self.train_steps[step_index]
+        ranks = self.mesh[node.model]
+        share = len(micro) // len(ranks)
+        start = ranks.index(self.rank) * share
+        values = {phase.graph.input_node.name: micro[start : start + share]}
+        for other in phase.graph.calls():
+            if (other.name, step_index) in self.values:
+                values[other.name] = self.values[(other.name, step_index)]
+        step = phase.runner.step_for(node.name)
+        result = phase.runner.run_train_node(
+            step, values, self.timer, self.metrics, (self.runtime.seed, self.episode, step_index)
+        )
+        self.values[(node.name, step_index)] = result
+
+    def _op_sync(self, ins: Instruction) -> None:
+        src, dst = ins.target.split("->")
+        self.local_syncs[(src, dst)].apply()
+
+    def _op_bcast(self, ins: Instruction) -> None:
+        src, dst = ins.target.split("->")
+        members = tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks)))
+        self.cross_syncs[(src, dst)].broadcast(ins.bucket, self.ctx.group(members))
+
+    def _op_free(self, ins: Instruction) -> None:
+        """Offload lands with the offload feature; until then weights stay put."""
+
+    _op_load = _op_free
+
+    # -- records and failures ------------------------------------------------------------
+    def _finish(self, record: EpisodeRecord) -> None:
+        parts = all_gather_objects(
+            (record.stages, record.metrics), None if self.ctx.world_size == 1 else dist.group.WORLD
+        )
+        if self.rank != 0:
+            return
+        stages: dict[str, float] = {}
+        sums: dict[str, list[float]] = defaultdict(list)
+        for rank_stages, rank_metrics in parts:
+            for key, seconds in rank_stages.items():
+                stages[key] = max(stages.get(key, 0.0), seconds)
+            for key, value in rank_metrics.items():
+                if not key.startswith("eval/"):
+                    sums[key].append(value)
+        record.stages = stages
+        record.metrics.update({k: sum(v) / len(v) for k, v in sums.items()})
+        self.history.append(record)
+        self.metrics_log.write(record)
+        if self.runtime.log_episodes:
+            self.job.log(str(record))
+
+    def _teardown(self) -> None:
+        for name in self.hosted:
+            module = self.job.modules[name]
+            network = getattr(module, "model", None)
+            if (
+                network is not None
+                and hasattr(network, "module")
+                and hasattr(network, "process_group")
+            ):
+                module.model = network.module  # unwrap DDP before its group goes away
+        dist.barrier()
+
+    def _fail(self, ins: Instruction, err: Exception) -> None:
+        where = f"rank {self.rank} failed at `{ins}` (phase {ins.phase}, episode {self.episode})"
+        model = _instruction_model(ins, self.phases)
+        if model is not None:
+            where += f"\n  model {model.model}: {model}  # {model.source}"
+        elsewhere = self.ctx.failure_elsewhere()
+        if elsewhere is not None and not elsewhere.startswith(f"{self.rank}\n"):
+            other, _, text = elsewhere.partition("\n")
+            message = f"flowgraph: rank {self.rank} stops because rank {other} failed:\n{text}"
+        elif ins.is_communication:
+            peers = sorted(set(ins.src_ranks) | set(ins.dst_ranks) - {self.rank})
+            message = (
+                f"flowgraph: {where}\n  no answer from rank(s) {peers} within "
+                f"runtime.timeout_s={self.runtime.timeout_s:g} s ({type(err).__name__}: {err})"
+            )
+        else:
+            message = f"flowgraph: {where}\n{format_exception(err)}"
+        self.ctx.report_failure(message)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def _instruction_model(ins: Instruction, phases: Mapping[str, _Phase]) -> Node | None:
+    if ins.op not in ("RUN", "TRAIN") or ins.phase not in phases:
+        return None
+    target = ins.target if ins.op == "RUN" else f"{ins.target}.{TRAIN_METHOD}"
+    return next((n for n in phases[ins.phase].graph.calls() if n.target == target), None)
+
+
+def _transfer_tags(plan: Plan) -> dict[tuple, int]:
+    """A tag per point-to-point transfer, the same on every rank (the plan is)."""
+    tags: dict[tuple, int] = {}
+    for stream in plan.streams:
+        for ins in stream.instructions:
+            if ins.op == "SEND":
+                tags.setdefault(ins.key(), len(tags) + 1)
+    return tags

@@ -1,0 +1,59 @@
+"""Helpers to launch multi-process jobs from tests (gloo on loopback, bounded in time)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_job(out_dir: Path, config: dict, nproc: int, script: Path = TESTS / "spmd_job.py",
+            timeout: float = 180) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run ``script OUT_DIR CONFIG`` in one process (nproc=1) or under torchrun."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "config.json"
+    config_path.write_text(json.dumps(config))
+    args = [str(script), str(out_dir), str(config_path)]
+    if nproc == 1:
+        command = [sys.executable, *args]
+    else:
+        command = [*TORCHRUN, "--nnodes", "1", "--nproc-per-node", str(nproc),
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                   *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=job_env(), check=False)  # fmt: skip
+
+
+def hosted_parameters(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every model's parameters, from whichever rank hosted it (all copies must agree)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for path in sorted(out_dir.glob("rank*.pt")):
+        for model, params in torch.load(path, weights_only=True).items():
+            if model in found:
+                for name, tensor in params.items():
+                    assert torch.equal(found[model][name], tensor), f"{model}.{name} differs"
+            else:
+                found[model] = params
+    return found
+
+
+def records(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / "records.json").read_text())

@@ -1,0 +1,62 @@
+"""The SPMD runtime under torchrun (gloo on loopback): same numbers as one process."""
+
+import pytest
+import torch
+
+from spmd import hosted_parameters, records, run_job
+
+pytestmark = pytest.mark.slow
+
+RUNTIME = {
+    "num_episode": 3,
+    "sample_per_episode": 16,
+    "generation_batch_size": 4,
+    "train_micro_batch_size": 2,
+    "train_global_batch_size": 8,
+    "eval_episode_interval": 2,
+    "enable_eval_before_training": True,
+    "log_episodes": False,
+}
+MODELS = ["policy", "reference", "value", "reward", "ppo_policy", "ppo_value"]
+
+
+def explicit(groups, sizes):
+    models = {m: {"num_gpu": sizes[m]} for m in MODELS}
+    return {"runtime": {**RUNTIME, "colocation": groups}, "models": models}
+
+
+COLOCATED_2 = explicit([MODELS], dict.fromkeys(MODELS, 2))
+SPLIT_4 = explicit(
+    [["policy", "reference"], ["value", "reward", "ppo_policy", "ppo_value"]],
+    dict.fromkeys(MODELS, 2),
+)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world1")
+    result = run_job(out, {"runtime": RUNTIME}, nproc=1)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize(("nproc", "config"), [(2, COLOCATED_2), (4, SPLIT_4)],
+                         ids=["2-colocated", "4-split"])  # fmt: skip
+def test_same_weights_and_metrics_as_one_process(single, tmp_path, nproc, config):
+    result = run_job(tmp_path, config, nproc=nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = hosted_parameters(single), hosted_parameters(tmp_path)
+    assert set(got) == set(MODELS)
+    for model in MODELS:
+        for name, tensor in expected[model].items():
+            torch.testing.assert_close(got[model][name], tensor, rtol=1e-5, atol=1e-6,
+                                       msg=f"{model}.{name}")  # fmt: skip
+    # The weights moved, and the inference copies equal their trainers after the last sync.
+    assert not torch.equal(got["ppo_policy"]["weight"], got["reference"]["weight"])
+    torch.testing.assert_close(got["policy"]["weight"], got["ppo_policy"]["weight"])
+    one, many = records(single), records(tmp_path)
+    assert [r["episode"] for r in many] == [r["episode"] for r in one] == [0, 1, 2, 3]
+    for a, b in zip(one, many, strict=True):
+        assert set(a["metrics"]) == set(b["metrics"])
+        for key, value in a["metrics"].items():
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
