@@ -4,6 +4,9 @@ Each network is a seeded ``Linear(4, 4)``: inference copies and their trainers s
 architecture, so parameter sync works; trainers take one SGD step per ``train_step``.
 """
 
+import os
+import time
+
 import torch
 
 from flowgraph import TorchModule
@@ -59,10 +62,18 @@ class ValueInference(Recorded):
 
 
 class RewardInference(Recorded):
+    """``models.reward.args.fail_rank: R`` makes rank R raise (``fail: hang``: hang) in
+    forward_step, for the failure tests."""
+
     output_key = "reward_y"
     init_seed = 2
 
     def forward_step(self, data):
+        args = self.model_config.args
+        if "fail_rank" in args and str(args["fail_rank"]) == os.environ.get("RANK", "0"):
+            if args.get("fail") == "hang":
+                time.sleep(3600)
+            raise RuntimeError("injected failure in the reward model")
         out = super().forward_step(data)
         return {**out, "reward": out["reward_y"].sum(-1)}
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +39,16 @@ def run_job(out_dir: Path, config: dict, nproc: int, script: Path = TESTS / "spm
         command = [*TORCHRUN, "--nnodes", "1", "--nproc-per-node", str(nproc),
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                    *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env=job_env(), check=False)  # fmt: skip
+    # A session of its own, so that a hung job is killed with all its workers.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=job_env(), start_new_session=True)  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"job did not end within {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def hosted_parameters(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,5 +1,7 @@
 """The SPMD runtime under torchrun (gloo on loopback): same numbers as one process."""
 
+import time
+
 import pytest
 import torch
 
@@ -60,3 +62,34 @@ def test_same_weights_and_metrics_as_one_process(single, tmp_path, nproc, config
         assert set(a["metrics"]) == set(b["metrics"])
         for key, value in a["metrics"].items():
             assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def with_failure(**args):
+    config = {**COLOCATED_2, "runtime": {**COLOCATED_2["runtime"], "timeout_s": 8}}
+    config["models"] = {**config["models"], "reward": {"num_gpu": 2, "args": args}}
+    return config
+
+
+def test_exception_on_one_rank_stops_the_job_with_rank_model_instruction_and_line(tmp_path):
+    start = time.monotonic()
+    result = run_job(tmp_path, with_failure(fail_rank=1), nproc=2, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    err = result.stderr
+    assert (
+        "flowgraph: rank 1 failed at `RUN reward.forward_step[mb0]` (phase env, episode 1)" in err
+    )
+    assert "model reward: %reward_out = call_model[reward.forward_step]" in err
+    assert "spmd_job.py:" in err  # the user's flow line
+    assert "RuntimeError: injected failure in the reward model" in err
+
+
+def test_a_rank_that_stops_answering_is_reported_after_the_timeout(tmp_path):
+    start = time.monotonic()
+    result = run_job(tmp_path, with_failure(fail_rank=1, fail="hang"), nproc=2, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert 8 <= elapsed < 60, f"took {elapsed:.0f} s"
+    assert "flowgraph: rank 0 failed at" in result.stderr
+    assert "no answer from rank(s) [1] within runtime.timeout_s=8 s" in result.stderr

@@ -426,7 +426,7 @@ class SpmdRunner:
             other, _, text = elsewhere.partition("\n")
             message = f"flowgraph: rank {self.rank} stops because rank {other} failed:\n{text}"
         elif ins.is_communication:
-            peers = sorted(set(ins.src_ranks) | set(ins.dst_ranks) - {self.rank})
+            peers = sorted((set(ins.src_ranks) | set(ins.dst_ranks)) - {self.rank})
             message = (
                 f"flowgraph: {where}\n  no answer from rank(s) {peers} within "
                 f"runtime.timeout_s={self.runtime.timeout_s:g} s ({type(err).__name__}: {err})"

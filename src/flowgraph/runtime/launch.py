@@ -43,6 +43,7 @@ class DistContext:
     local_world_size: int
     device: torch.device
     groups: dict[tuple[int, ...], object] = field(default_factory=dict)
+    timeout: datetime.timedelta = datetime.timedelta(seconds=60)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DistContext | None:
@@ -70,11 +71,13 @@ class DistContext:
         return max(1, self.world_size // self.local_world_size)
 
     def init(self, timeout_s: float) -> None:
-        """Join the default process group (the rendezvous torchrun set up)."""
+        """Join the default process group (the rendezvous torchrun set up); every wait on
+        another rank gives up after ``timeout_s``."""
+        self.timeout = datetime.timedelta(seconds=timeout_s)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(self.backend, timeout=self.timeout)
         install_clean_exit()
 
     def new_groups(self, rank_sets: Iterable[tuple[int, ...]]) -> None:
@@ -82,7 +85,7 @@ class DistContext:
         this with the same sets in the same order (``dist.new_group`` is collective)."""
         for ranks in sorted(set(rank_sets)):
             if len(ranks) > 1 and ranks not in self.groups:
-                self.groups[ranks] = dist.new_group(list(ranks))
+                self.groups[ranks] = dist.new_group(list(ranks), timeout=self.timeout)
 
     def group(self, ranks: tuple[int, ...]):
         return self.groups[tuple(sorted(ranks))]
