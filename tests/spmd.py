@@ -51,6 +51,36 @@ def run_job(out_dir: Path, config: dict, nproc: int, script: Path = TESTS / "spm
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
+def run_two_nodes(
+    out_dir: Path, config: dict, timeout: float = 180
+) -> list[subprocess.CompletedProcess]:
+    """Two torchrun invocations (``--nnodes 2``, one process each) on loopback, as two nodes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "config.json"
+    config_path.write_text(json.dumps(config))
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+             "--master-addr", "127.0.0.1", "--master-port", str(port),
+             str(TESTS / "spmd_job.py"), str(out_dir), str(config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env(),
+            start_new_session=True,
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    results = []
+    for process in nodes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in nodes:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError("the two-node job did not end in time") from None
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
 def hosted_parameters(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every model's parameters, from whichever rank hosted it (all copies must agree)."""
     found: dict[str, dict[str, torch.Tensor]] = {}

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from spmd import TORCHRUN, job_env
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
@@ -42,3 +46,14 @@ def test_bad_override_exits_with_the_config_error():
     )  # fmt: skip
     assert result.returncode != 0
     assert "did you mean 'num_episode'" in result.stderr
+
+
+@pytest.mark.slow
+def test_rlhf_toy_runs_under_torchrun_with_two_ranks():
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(EXAMPLES / "rlhf_toy.py"),
+               "runtime.num_episode=2", "runtime.enable_eval_before_training=false"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                            env=job_env(), check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [x for x in result.stdout.splitlines() if x.startswith("episode")]
+    assert [line.split(" | ")[0] for line in lines] == ["episode 1/2", "episode 2/2"]

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from spmd import hosted_parameters, records, run_job
+from spmd import hosted_parameters, records, run_job, run_two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,10 @@ COLOCATED_2 = explicit([MODELS], dict.fromkeys(MODELS, 2))
 SPLIT_4 = explicit(
     [["policy", "reference"], ["value", "reward", "ppo_policy", "ppo_value"]],
     dict.fromkeys(MODELS, 2),
+)
+SPLIT_2_NODES = explicit(
+    [["policy", "reference", "value", "reward"], ["ppo_policy", "ppo_value"]],
+    dict.fromkeys(MODELS, 1),
 )
 
 
@@ -93,3 +97,15 @@ def test_a_rank_that_stops_answering_is_reported_after_the_timeout(tmp_path):
     assert 8 <= elapsed < 60, f"took {elapsed:.0f} s"
     assert "flowgraph: rank 0 failed at" in result.stderr
     assert "no answer from rank(s) [1] within runtime.timeout_s=8 s" in result.stderr
+
+
+def test_two_nodes_on_loopback_run_an_episode(tmp_path):
+    config = {**SPLIT_2_NODES, "runtime": {**SPLIT_2_NODES["runtime"], "num_episode": 1}}
+    results = run_two_nodes(tmp_path, config)
+    for node, result in enumerate(results):
+        assert result.returncode == 0, f"node {node}:\n{result.stderr[-3000:]}"
+    got = hosted_parameters(tmp_path)
+    assert set(got) == set(MODELS)
+    assert [r["episode"] for r in records(tmp_path)] == [0, 1]
+    # Inference on node 0, trainers on node 1: the policy received the trained weights.
+    torch.testing.assert_close(got["policy"]["weight"], got["ppo_policy"]["weight"])
