@@ -1,10 +1,10 @@
 """Batches between ranks: metadata first, then every tensor's bytes in one buffer.
 
-A batch (``dict[str, Tensor | list]``) travels as three messages with one tag: the
-metadata length, the pickled metadata (keys, dtypes, shapes, and non-tensor values such
-as lists of strings), then one ``uint8`` buffer holding every tensor's bytes. Any dtype
-travels (bf16 and bool included) because the wire format is raw bytes. Sends are
-asynchronous: ``Outbox.wait()`` completes them.
+A batch (``dict[str, Tensor | list]``) travels as messages with one tag: the metadata
+length, the pickled metadata (keys, dtypes, shapes, and non-tensor values such as lists
+of strings), then each tensor's bytes, sent from and received into the tensors
+themselves (no packing copy). Any dtype travels (bf16 and bool included) because the
+wire format is raw bytes. Sends are asynchronous: ``Outbox.wait()`` completes them.
 
 Example::
 
@@ -24,34 +24,35 @@ import torch
 import torch.distributed as dist
 
 
-def pack(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(metadata bytes, tensor bytes)`` of a batch."""
-    entries, buffers, offset = [], [], 0
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A ``uint8`` view of a tensor's data (a copy only when it is not contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def pack(batch: Mapping[str, Any]) -> tuple[bytes, list[torch.Tensor]]:
+    """``(metadata, tensors)`` of a batch: the metadata pickles keys, dtypes, shapes and
+    every non-tensor value; tensors travel as they are."""
+    entries, tensors = [], []
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            raw = value.detach().contiguous().reshape(-1).view(torch.uint8)
             entries.append(
-                (key, "tensor", str(value.dtype), tuple(value.shape), offset, raw.numel())
+                (key, "tensor", str(value.dtype).removeprefix("torch."), tuple(value.shape))
             )
-            buffers.append(raw.to(device))
-            offset += raw.numel()
+            tensors.append(value)
         else:
             entries.append((key, "object", value))
-    meta = torch.frombuffer(bytearray(pickle.dumps(entries)), dtype=torch.uint8).to(device)
-    data = torch.cat(buffers) if buffers else torch.empty(0, dtype=torch.uint8, device=device)
-    return meta, data
+    return pickle.dumps(entries), tensors
 
 
-def unpack(meta: torch.Tensor, data: torch.Tensor) -> dict[str, Any]:
+def unpack(meta: bytes, receive: Any) -> dict[str, Any]:
+    """Rebuild a batch; ``receive(empty_tensor)`` fills each tensor in order."""
     batch: dict[str, Any] = {}
-    for entry in pickle.loads(meta.cpu().numpy().tobytes()):
+    for entry in pickle.loads(meta):
         key, kind = entry[0], entry[1]
         if kind == "object":
             batch[key] = entry[2]
-            continue
-        _, _, dtype, shape, offset, size = entry
-        raw = data[offset : offset + size].clone()
-        batch[key] = raw.view(getattr(torch, dtype.removeprefix("torch."))).reshape(shape)
+        else:
+            batch[key] = receive(torch.empty(entry[3], dtype=getattr(torch, entry[2])))
     return batch
 
 
@@ -63,11 +64,13 @@ class Outbox:
         self.pending: list[tuple[object, torch.Tensor]] = []
 
     def send(self, batch: Mapping[str, Any], dst: int, tag: int) -> None:
-        meta, data = pack(batch, self.device)
-        sizes = torch.tensor([meta.numel(), data.numel()], dtype=torch.int64, device=self.device)
-        for tensor in (sizes, meta, data):
-            if tensor.numel():  # an empty message is skipped on both sides
-                self.pending.append((dist.isend(tensor, dst, tag=tag), tensor))
+        meta, tensors = pack(batch)
+        header = torch.tensor([len(meta)], dtype=torch.int64, device=self.device)
+        payload = [torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(self.device)]
+        payload += [_as_bytes(t.to(self.device)) for t in tensors]
+        for message in (header, *payload):
+            if message.numel():  # an empty tensor is not sent; the receiver skips it too
+                self.pending.append((dist.isend(message, dst, tag=tag), message))
 
     def wait(self) -> None:
         for work, _ in self.pending:
@@ -78,14 +81,18 @@ class Outbox:
 def recv_batch(src: int, tag: int, device: torch.device | None = None) -> dict[str, Any]:
     """The next batch ``src`` sent with ``tag`` (blocks until it arrives)."""
     device = device or torch.device("cpu")
-    sizes = torch.empty(2, dtype=torch.int64, device=device)
-    dist.recv(sizes, src, tag=tag)
-    meta = torch.empty(int(sizes[0]), dtype=torch.uint8, device=device)
+    header = torch.empty(1, dtype=torch.int64, device=device)
+    dist.recv(header, src, tag=tag)
+    meta = torch.empty(int(header[0]), dtype=torch.uint8, device=device)
     dist.recv(meta, src, tag=tag)
-    data = torch.empty(int(sizes[1]), dtype=torch.uint8, device=device)
-    if data.numel():
-        dist.recv(data, src, tag=tag)
-    return unpack(meta, data)
+
+    def receive(empty: torch.Tensor) -> torch.Tensor:
+        tensor = empty.to(device)
+        if tensor.numel():
+            dist.recv(_as_bytes(tensor), src, tag=tag)  # fills ``tensor`` in place
+        return tensor
+
+    return unpack(meta.cpu().numpy().tobytes(), receive)
 
 
 def all_gather_objects(obj: Any, group: object | None) -> list[Any]:
