@@ -16,14 +16,22 @@ sys.path.insert(0, str(HERE))
 
 import bench_compile  # noqa: E402
 import bench_overhead  # noqa: E402
+import bench_runtime  # noqa: E402
 import bench_trace  # noqa: E402
+import bench_transfer  # noqa: E402
 import torch  # noqa: E402
 
 
 def main() -> None:
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"{os.cpu_count()} cpus, {torch.get_num_threads()} torch threads")  # fmt: skip
-    results = bench_trace.main() + bench_overhead.main() + bench_compile.main()
+    results = (
+        bench_trace.main()
+        + bench_overhead.main()
+        + bench_compile.main()
+        + bench_transfer.main()
+        + bench_runtime.main()
+    )
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -145,6 +145,7 @@ class SpmdRunner:
                     graph, GraphRunner(graph, job.modules, phase), math.lcm(*sizes)
                 )
         self.tags = _transfer_tags(plan)
+        self.runs = _coalesce_gathers(self.stream.instructions if self.stream else [])
         self.outbox = Outbox(ctx.device)
         self.metrics_log = MetricsLog(self.runtime.log_dir if self.rank == 0 else None)
         self.history: list[EpisodeRecord] = []
@@ -261,15 +262,17 @@ class SpmdRunner:
         return [self.values[(returned.name, k)] for k in range(self.phases[phase].total)]
 
     def _run_phase(self, phase: str, episode: int, every_pair: bool = False) -> None:
-        if self.stream is None:
-            return
-        for ins in self.stream.instructions:
+        for run in self.runs:
+            ins = run[0]
             if ins.phase != phase:
                 continue
             if phase == "sync" and not (every_pair or self._sync_due(ins, episode)):
                 continue
             try:
-                self._execute(ins)
+                if len(run) > 1:
+                    self._gather_waves(run)
+                else:
+                    self._execute(ins)
             except Exception as err:
                 self._fail(ins, err)
 
@@ -328,12 +331,19 @@ class SpmdRunner:
             self.values[(name, k)] = recv_batch(src, self.tags[ins.key()], self.ctx.device)
 
     def _op_gather(self, ins: Instruction) -> None:
+        self._gather_waves([ins])
+
+    def _gather_waves(self, run: list[Instruction]) -> None:
+        """One collective for a run of GATHERs of consecutive waves (same node and groups
+        in every member's stream, so all members coalesce alike)."""
+        ins = run[0]
         phase = self.phases[ins.phase]
         name = ins.target.removeprefix("%")
         mine = {}
         if self.rank in ins.src_ranks:
-            ks = owned(ins.mb, phase.width, ins.src_ranks, self.rank, phase.total)
-            mine = {k: self.values[(name, k)] for k in ks}
+            for wave in (i.mb for i in run):
+                for k in owned(wave, phase.width, ins.src_ranks, self.rank, phase.total):
+                    mine[k] = self.values[(name, k)]
         members = tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks)))
         group = self.ctx.group(members) if len(members) > 1 else None
         if self.rank in ins.dst_ranks:
@@ -443,6 +453,25 @@ def _instruction_model(ins: Instruction, phases: Mapping[str, _Phase]) -> Node |
         return None
     target = ins.target if ins.op == "RUN" else f"{ins.target}.{TRAIN_METHOD}"
     return next((n for n in phases[ins.phase].graph.calls() if n.target == target), None)
+
+
+def _coalesce_gathers(instructions: list[Instruction]) -> list[list[Instruction]]:
+    """The stream as runs: consecutive GATHERs of one node between the same groups form
+    one run (executed as one collective); every other instruction is a run of its own."""
+    runs: list[list[Instruction]] = []
+    for ins in instructions:
+        last = runs[-1][0] if runs else None
+        same = (
+            last is not None
+            and ins.op == last.op == "GATHER"
+            and (ins.phase, ins.target, ins.src_ranks, ins.dst_ranks)
+            == (last.phase, last.target, last.src_ranks, last.dst_ranks)
+        )
+        if same:
+            runs[-1].append(ins)
+        else:
+            runs.append([ins])
+    return runs
 
 
 def _transfer_tags(plan: Plan) -> dict[tuple, int]:

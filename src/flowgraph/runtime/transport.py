@@ -1,8 +1,9 @@
 """Batches between ranks: metadata first, then every tensor's bytes in one buffer.
 
-A batch (``dict[str, Tensor | list]``) travels as messages with one tag: the metadata
-length, the pickled metadata (keys, dtypes, shapes, and non-tensor values such as lists
-of strings), then each tensor's bytes, sent from and received into the tensors
+A batch (``dict[str, Tensor | list]``) travels as messages with one tag: a 4 KiB header
+with the length and start of the pickled metadata (keys, dtypes, shapes, and non-tensor
+values such as lists of strings), the rest of the metadata when it is longer, then each
+tensor's bytes, sent from and received into the tensors
 themselves (no packing copy). Any dtype travels (bf16 and bool included) because the
 wire format is raw bytes. Sends are asynchronous: ``Outbox.wait()`` completes them.
 
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+HEADER_BYTES = 4096
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -65,10 +68,10 @@ class Outbox:
 
     def send(self, batch: Mapping[str, Any], dst: int, tag: int) -> None:
         meta, tensors = pack(batch)
-        header = torch.tensor([len(meta)], dtype=torch.int64, device=self.device)
-        payload = [torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(self.device)]
+        head, rest = _header(meta)
+        payload = [head.to(self.device), rest.to(self.device)]
         payload += [_as_bytes(t.to(self.device)) for t in tensors]
-        for message in (header, *payload):
+        for message in payload:
             if message.numel():  # an empty tensor is not sent; the receiver skips it too
                 self.pending.append((dist.isend(message, dst, tag=tag), message))
 
@@ -81,10 +84,15 @@ class Outbox:
 def recv_batch(src: int, tag: int, device: torch.device | None = None) -> dict[str, Any]:
     """The next batch ``src`` sent with ``tag`` (blocks until it arrives)."""
     device = device or torch.device("cpu")
-    header = torch.empty(1, dtype=torch.int64, device=device)
-    dist.recv(header, src, tag=tag)
-    meta = torch.empty(int(header[0]), dtype=torch.uint8, device=device)
-    dist.recv(meta, src, tag=tag)
+    head = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=device)
+    dist.recv(head, src, tag=tag)
+    head = head.cpu()
+    length = int(head[:8].view(torch.int64)[0])
+    meta = head[8 : 8 + length]
+    if length > HEADER_BYTES - 8:
+        rest = torch.empty(length - (HEADER_BYTES - 8), dtype=torch.uint8, device=device)
+        dist.recv(rest, src, tag=tag)
+        meta = torch.cat([meta, rest.cpu()])
 
     def receive(empty: torch.Tensor) -> torch.Tensor:
         tensor = empty.to(device)
@@ -92,7 +100,16 @@ def recv_batch(src: int, tag: int, device: torch.device | None = None) -> dict[s
             dist.recv(_as_bytes(tensor), src, tag=tag)  # fills ``tensor`` in place
         return tensor
 
-    return unpack(meta.cpu().numpy().tobytes(), receive)
+    return unpack(meta.numpy().tobytes(), receive)
+
+
+def _header(meta: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed-size first message (length + the start of the metadata) and the rest, so
+    that a small batch's metadata costs one message, not a size exchange and a payload."""
+    data = torch.frombuffer(bytearray(len(meta).to_bytes(8, "little") + meta), dtype=torch.uint8)
+    head = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    head[: min(HEADER_BYTES, data.numel())] = data[:HEADER_BYTES]
+    return head, data[HEADER_BYTES:]
 
 
 def all_gather_objects(obj: Any, group: object | None) -> list[Any]:
