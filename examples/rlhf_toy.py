@@ -5,7 +5,9 @@ Run it (`make demo` runs the first line):
     python examples/rlhf_toy.py                                  # defaults below
     python examples/rlhf_toy.py runtime.num_episode=5            # key=value overrides
     python examples/rlhf_toy.py --config examples/rlhf_toy.yaml  # a YAML config
+    torchrun --standalone --nproc-per-node 2 examples/rlhf_toy.py  # 2 processes (SPMD)
     flowc trace examples/rlhf_toy.py                             # the traced graphs
+    flowc compile examples/rlhf_toy.py --world-size 8            # the plan on 8 GPUs
 """
 
 import os
