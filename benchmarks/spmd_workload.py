@@ -22,8 +22,12 @@ import time
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from seed_rlhf import build_engine
+
 import flowgraph
-from flowgraph import Engine, Environment, TorchModule, Trainer
+from flowgraph import TorchModule
 from flowgraph.config import load_config
 from flowgraph.data import Dataset
 from flowgraph.runtime.episode import env_micro_batches, training_steps
@@ -89,23 +93,11 @@ def config(episodes: int):
 
 def run_flowgraph(episodes: int) -> float:
     m = {name: (Learner if name.startswith("ppo") else Inference)(name) for name in MODELS}
-
-    def env_flow(batch):
-        policy_out = m["policy"].forward_step(batch)
-        ref_out = m["reference"].forward_step(policy_out)
-        value_out = m["value"].forward_step(policy_out)
-        return m["reward"].forward_step(policy_out, ref_out, value_out)
-
-    def trainer_flow(batch):
-        m["ppo_policy"].train_step(batch)
-        m["ppo_value"].train_step(batch)
-
-    engine = (
-        Engine(Environment(env_flow), Trainer(trainer_flow))
-        .set_parameter_sync(m["ppo_policy"], m["policy"])
-        .set_parameter_sync(m["ppo_value"], m["value"])
-        .set_dataset(prompts())
-    )
+    engine = build_engine(m)
+    engine.evaluator = None  # the seed's eval flow is not part of this measurement
+    engine.set_parameter_sync(m["ppo_policy"], m["policy"])
+    engine.set_parameter_sync(m["ppo_value"], m["value"])
+    engine.set_dataset(prompts())
     flowgraph.init(config(episodes))
     start = time.perf_counter()
     engine.learn()

@@ -1,8 +1,9 @@
 """Hand-built programs for compiler tests: the seed's RLHF flow over identity modules."""
 
-from flowgraph import BaseModule, Engine, Environment, Evaluator, Trainer
+from flowgraph import BaseModule, Evaluator
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.config import load_config
+from rlhf_flows import wire
 
 SIZES = {"policy": "1.5B", "reference": "1.5B", "value": "350M", "reward": "350M",
          "ppo_policy": "1.5B", "ppo_value": "350M"}  # fmt: skip
@@ -19,24 +20,11 @@ class Identity(BaseModule):
 def rlhf_engine(with_eval=False):
     m = {name: Identity(name) for name in SIZES}
 
-    def env_flow(batch):
-        policy_out = m["policy"].forward_step(batch)
-        ref_out = m["reference"].forward_step(policy_out)
-        value_out = m["value"].forward_step(policy_out)
-        return m["reward"].forward_step(policy_out, ref_out, value_out)
-
-    def trainer_flow(batch):
-        m["ppo_policy"].train_step(batch)
-        m["ppo_value"].train_step(batch)
-
     def eval_flow(batch):
         return m["reward"].eval_step(m["policy"].eval_step(batch))
 
     evaluator = Evaluator(eval_flow).set_dataset(["x"] * 32) if with_eval else None
-    engine = Engine(Environment(env_flow), Trainer(trainer_flow), evaluator)
-    return engine.set_parameter_sync(m["ppo_policy"], m["policy"]).set_parameter_sync(
-        m["ppo_value"], m["value"]
-    )
+    return wire(m, evaluator)
 
 
 def config(runtime=None, models=None, sizes=SIZES):

@@ -1,5 +1,5 @@
 """The seed's RLHF flows at module level, for golden text of the traced graphs.
-Keep line numbers stable: the golden files quote them."""
+Keep line numbers stable: the golden files quote them (add new code at the end)."""
 
 from seed_models import (
     PolicyInference,
@@ -46,3 +46,25 @@ def plain_python_flow(batch):
         out = reward.forward_step(out)
     policy.forward_step(out)  # result unused: still recorded
     return out
+
+
+def wire(m, evaluator=None):
+    """The seed's RLHF Engine over a dict of fresh modules ``m`` (keyed by the seed's
+    names), for tests that need several independent copies."""
+    from flowgraph import Engine, Environment, Trainer  # here: keep the lines above stable
+
+    def env_flow(batch):
+        policy_out = m["policy"].forward_step(batch)
+        ref_out = m["reference"].forward_step(policy_out)
+        value_out = m["value"].forward_step(policy_out)
+        return m["reward"].forward_step(policy_out, ref_out, value_out)
+
+    def trainer_flow(batch):
+        m["ppo_policy"].train_step(batch)
+        m["ppo_value"].train_step(batch)
+
+    return (
+        Engine(Environment(env_flow), Trainer(trainer_flow), evaluator)
+        .set_parameter_sync(m["ppo_policy"], m["policy"])
+        .set_parameter_sync(m["ppo_value"], m["value"])
+    )

@@ -1,4 +1,5 @@
-"""The seed's RLHF flow over the deterministic toy modules, run by the multi-process tests.
+"""The seed's RLHF flows (tests/rlhf_flows.py) over the deterministic toy modules, run by
+the multi-process tests.
 
     python tests/spmd_job.py OUT_DIR CONFIG_JSON
     torchrun --standalone --nproc-per-node 4 tests/spmd_job.py OUT_DIR CONFIG_JSON
@@ -18,43 +19,20 @@ import torch  # noqa: E402
 
 import flowgraph  # noqa: E402
 from flowgraph import Engine, Environment, Evaluator, Trainer  # noqa: E402
-from seed_models import (  # noqa: E402
-    PolicyInference,
-    PolicyReference,
-    PolicyTrainer,
-    RewardInference,
-    ValueInference,
-    ValueTrainer,
-    prompts,
+from rlhf_flows import (  # noqa: E402
+    env_flow,
+    eval_flow,
+    policy,
+    ppo_policy,
+    ppo_value,
+    reference,
+    reward,
+    trainer_flow,
+    value,
 )
+from seed_models import prompts  # noqa: E402
 
-policy = PolicyInference("policy")
-value = ValueInference("value")
-reference = PolicyReference("reference")
-reward = RewardInference("reward")
-ppo_policy = PolicyTrainer("ppo_policy")
-ppo_value = ValueTrainer("ppo_value")
 MODULES = [policy, value, reference, reward, ppo_policy, ppo_value]
-
-
-def env_flow(batch):
-    policy_out = policy.forward_step(batch)
-    ref_out = reference.forward_step(policy_out)
-    value_out = value.forward_step(policy_out)
-    reward_out = reward.forward_step(policy_out, ref_out, value_out)
-    return reward_out
-
-
-def trainer_flow(batch):
-    ppo_policy.train_step(batch)
-    ppo_value.train_step(batch)
-
-
-def eval_flow(batch):
-    r0 = policy.eval_step(batch)
-    r1 = reward.eval_step(r0)
-    return r1
-
 
 engine = (
     Engine(Environment(env_flow), Trainer(trainer_flow),

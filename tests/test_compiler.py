@@ -174,7 +174,8 @@ def test_offload_lets_colocated_models_share_memory_and_adds_free_and_load():
         ({"colocation": [["policy", "reference"], ["reference", "value"]]}, {},
          "runtime.colocation puts 'reference' in two groups"),
         ({"colocation": [["polcy", "reference"]]}, {},
-         "runtime.colocation names 'polcy', which no flow calls (did you mean 'policy'?)"),
+         "runtime.colocation names 'polcy', which no flow calls; did you mean 'policy'? "
+         "models: policy"),
         ({"colocation": [["policy", "reference"]]},
          {m: {"num_gpu": n} for m, n in [("policy", 2), ("reference", 4), ("value", 1),
                                           ("reward", 1), ("ppo_policy", 1), ("ppo_value", 1)]},

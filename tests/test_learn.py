@@ -24,35 +24,10 @@ RUNTIME = {
 def rlhf_engine(make_evaluator=None):
     """A fresh copy of the seed's RLHF wiring with new module objects;
     ``make_evaluator(modules)`` may build an Evaluator over them."""
-    m = {
-        name: cls(name)
-        for name, cls in [
-            ("policy", type(rlhf_flows.policy)),
-            ("reference", type(rlhf_flows.reference)),
-            ("value", type(rlhf_flows.value)),
-            ("reward", type(rlhf_flows.reward)),
-            ("ppo_policy", type(rlhf_flows.ppo_policy)),
-            ("ppo_value", type(rlhf_flows.ppo_value)),
-        ]
-    }
-
-    def env_flow(batch):
-        policy_out = m["policy"].forward_step(batch)
-        ref_out = m["reference"].forward_step(policy_out)
-        value_out = m["value"].forward_step(policy_out)
-        return m["reward"].forward_step(policy_out, ref_out, value_out)
-
-    def trainer_flow(batch):
-        m["ppo_policy"].train_step(batch)
-        m["ppo_value"].train_step(batch)
-
-    engine = (
-        Engine(Environment(env_flow), Trainer(trainer_flow), make_evaluator and make_evaluator(m))
-        .set_parameter_sync(m["ppo_policy"], m["policy"])
-        .set_parameter_sync(m["ppo_value"], m["value"])
-        .set_dataset(prompts(16, seed=0))
-    )
-    return engine, m
+    names = ["policy", "reference", "value", "reward", "ppo_policy", "ppo_value"]
+    m = {name: type(getattr(rlhf_flows, name))(name) for name in names}
+    engine = rlhf_flows.wire(m, make_evaluator and make_evaluator(m))
+    return engine.set_dataset(prompts(16, seed=0)), m
 
 
 def weights(module):

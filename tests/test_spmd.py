@@ -85,7 +85,7 @@ def test_exception_on_one_rank_stops_the_job_with_rank_model_instruction_and_lin
         "flowgraph: rank 1 failed at `RUN reward.forward_step[mb0]` (phase env, episode 1)" in err
     )
     assert "model reward: %reward_out = call_model[reward.forward_step]" in err
-    assert "spmd_job.py:" in err  # the user's flow line
+    assert "rlhf_flows.py:25" in err  # the user's flow line
     assert "RuntimeError: injected failure in the reward model" in err
 
 

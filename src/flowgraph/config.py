@@ -14,7 +14,6 @@ config the current one for the process; ``current_config()`` returns it (default
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
@@ -23,7 +22,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flowgraph.errors import ConfigError
+from flowgraph.errors import ConfigError, did_you_mean
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -264,9 +263,7 @@ def _valid_keys_hint(loc: list[str]) -> str:
     if model is None:
         return "check the spelling"
     valid = list(model.model_fields)
-    close = difflib.get_close_matches(loc[-1], valid, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{hint}valid keys: {', '.join(valid)}"
+    return f"{did_you_mean(loc[-1], valid)}valid keys: {', '.join(valid)}"
 
 
 def _section_model(section: list[str]) -> type[BaseModel] | None:

@@ -14,7 +14,6 @@ mistakes surface at the user's line before anything runs::
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,7 +28,13 @@ from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
 from flowgraph.config import Config, current_config, pending_settings
 from flowgraph.data import Batch, Dataset
-from flowgraph.errors import ConfigError, EngineError, FlowDefinitionError, PlanError
+from flowgraph.errors import (
+    ConfigError,
+    EngineError,
+    FlowDefinitionError,
+    PlanError,
+    did_you_mean,
+)
 from flowgraph.module import BaseModule
 from flowgraph.runtime.executor import SpmdRunner
 from flowgraph.runtime.launch import DistContext
@@ -290,10 +295,9 @@ class Engine:
         """Reject ``models.<name>`` sections for names no flow of this Engine calls."""
         for name in config.models:
             if name not in self.modules:
-                close = difflib.get_close_matches(name, list(self.modules), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(
-                    f"models.{name}: no model named {name!r} in this Engine; {hint}"
+                    f"models.{name}: no model named {name!r} in this Engine; "
+                    f"{did_you_mean(name, self.modules)}"
                     f"its models are: {', '.join(self.modules)}"
                 )
 

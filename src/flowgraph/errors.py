@@ -24,6 +24,19 @@ that ``except FlowgraphError`` catches exactly the framework's own complaints.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'policy'? "`` for the closest of ``choices``, or ``""``.
+
+    >>> did_you_mean("polcy", ["policy", "value"])
+    "did you mean 'policy'? "
+    """
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
 
 class FlowgraphError(Exception):
     """Base class of every error flowgraph raises on purpose."""

@@ -16,7 +16,6 @@ stage by stage; disjoint groups run concurrently and pipeline micro-batch waves.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from flowgraph.compiler.cluster import ClusterSpec, Mesh
 from flowgraph.compiler.cost import ModelSpec, Workload, format_bytes, memory
 from flowgraph.compiler.plan import format_seconds
-from flowgraph.errors import LayoutError, PlanError
+from flowgraph.errors import LayoutError, PlanError, did_you_mean
 
 SHOWN_REJECTIONS = 4  # rejected layouts listed in the plan's notes
 
@@ -68,11 +67,9 @@ def units(request: PlacementRequest) -> list[tuple[str, ...]]:
     for i, group in enumerate(groups):
         for name in group:
             if name not in request.specs:
-                close = difflib.get_close_matches(name, list(request.models), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise PlanError(
-                    f"runtime.colocation names {name!r}, which no flow calls{hint}; models: "
-                    f"{', '.join(request.models)}"
+                    f"runtime.colocation names {name!r}, which no flow calls; "
+                    f"{did_you_mean(name, request.models)}models: {', '.join(request.models)}"
                 )
             if name in owner:
                 raise PlanError(
