@@ -186,16 +186,18 @@ class SpmdRunner:
         return sets
 
     def _wrap_ddp(self, module: TorchModule) -> None:
+        """DDP over the model's mesh. The model stays where ``setup()`` put it (under
+        torchrun on GPUs the current device is ``cuda:LOCAL_RANK``)."""
         from torch.nn.parallel import DistributedDataParallel
 
-        if module.model is None:
+        params = list(module.model.parameters()) if module.model is not None else []
+        if not params:
             return
-        ranks = self.mesh[module.name]
-        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        device = params[0].device
         module.model = DistributedDataParallel(
-            module.model.to(self.ctx.device),
-            device_ids=device_ids,
-            process_group=self.ctx.group(ranks),
+            module.model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=self.ctx.group(self.mesh[module.name]),
         )
 
     def _bucket_count(self, key: tuple[str, str]) -> int:
