@@ -26,8 +26,14 @@ def job_env() -> dict:
     return env
 
 
-def run_job(out_dir: Path, config: dict, nproc: int, script: Path = TESTS / "spmd_job.py",
-            timeout: float = 180) -> subprocess.CompletedProcess:  # fmt: skip
+def run_job(
+    out_dir: Path,
+    config: dict,
+    nproc: int,
+    script: Path = TESTS / "spmd_job.py",
+    timeout: float = 180,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``script OUT_DIR CONFIG`` in one process (nproc=1) or under torchrun."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.json"
@@ -36,12 +42,27 @@ def run_job(out_dir: Path, config: dict, nproc: int, script: Path = TESTS / "spm
     if nproc == 1:
         command = [sys.executable, *args]
     else:
-        command = [*TORCHRUN, "--nnodes", "1", "--nproc-per-node", str(nproc),
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-                   *args]  # fmt: skip
+        command = [
+            *TORCHRUN,
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}",
+            *args,
+        ]
     # A session of its own, so that a hung job is killed with all its workers.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=job_env(), start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**job_env(), **(env or {})},
+        start_new_session=True,
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -61,14 +82,30 @@ def run_two_nodes(
     port = free_port()
     nodes = [
         subprocess.Popen(
-            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-             "--master-addr", "127.0.0.1", "--master-port", str(port),
-             str(TESTS / "spmd_job.py"), str(out_dir), str(config_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env(),
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                str(TESTS / "spmd_job.py"),
+                str(out_dir),
+                str(config_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=job_env(),
             start_new_session=True,
         )
         for rank in (0, 1)
-    ]  # fmt: skip
+    ]
     results = []
     for process in nodes:
         try:

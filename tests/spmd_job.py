@@ -44,9 +44,12 @@ engine = (
 
 
 def main(out_dir: str, config_path: str) -> None:
-    flowgraph.init(json.loads(Path(config_path).read_text()))
-    records = engine.learn()
     rank = int(os.environ.get("RANK", "0"))
+    # The mismatch test gives rank 1 an override the others do not get.
+    odd = os.environ.get("FLOWGRAPH_TEST_RANK1_OVERRIDE")
+    overrides = [odd] if odd and rank == 1 else []
+    flowgraph.init(json.loads(Path(config_path).read_text()), overrides)
+    records = engine.learn()
     out = Path(out_dir)
     hosted = {m.name: {k: v.detach().cpu() for k, v in m.sync_parameters()}
               for m in MODULES if m.model is not None}  # fmt: skip

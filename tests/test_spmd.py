@@ -109,3 +109,11 @@ def test_two_nodes_on_loopback_run_an_episode(tmp_path):
     assert [r["episode"] for r in records(tmp_path)] == [0, 1]
     # Inference on node 0, trainers on node 1: the policy received the trained weights.
     torch.testing.assert_close(got["policy"]["weight"], got["ppo_policy"]["weight"])
+
+
+def test_ranks_with_different_configs_are_stopped_before_running(tmp_path):
+    result = run_job(tmp_path, COLOCATED_2, nproc=2,
+                     env={"FLOWGRAPH_TEST_RANK1_OVERRIDE": "runtime.seed=99"})  # fmt: skip
+    assert result.returncode != 0
+    assert "rank(s) [1] compiled a different plan or config than rank 0" in result.stderr
+    assert not list(tmp_path.glob("rank*.pt"))  # nothing ran

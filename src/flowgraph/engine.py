@@ -14,6 +14,7 @@ mistakes surface at the user's line before anything runs::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -340,12 +341,14 @@ class Engine:
         else:
             cluster = ClusterSpec.from_world_size(ctx.world_size, ctx.local_world_size)
         plan = compile_plan(self.program(config), config, cluster)
-        hashes = all_gather_objects(plan.hash(), dist.group.WORLD)
-        if len(set(hashes)) > 1:
-            differing = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        fingerprint = hashlib.sha256(f"{plan.hash()}{config}".encode()).hexdigest()[:16]
+        fingerprints = all_gather_objects(fingerprint, dist.group.WORLD)
+        if len(set(fingerprints)) > 1:
+            differing = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
             raise PlanError(
-                f"rank(s) {differing} compiled a different plan than rank 0 ({hashes[0]}): "
-                "every rank must run the same script with the same config and overrides"
+                f"rank(s) {differing} compiled a different plan or config than rank 0: every "
+                "rank must run the same script with the same config and overrides "
+                f"(fingerprints: {', '.join(f'rank {r} {f}' for r, f in enumerate(fingerprints))})"
             )
         return SpmdRunner(job, plan, ctx).run()
 
