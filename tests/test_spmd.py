@@ -32,6 +32,7 @@ SPLIT_4 = explicit(
     [["policy", "reference"], ["value", "reward", "ppo_policy", "ppo_value"]],
     dict.fromkeys(MODELS, 2),
 )
+SPLIT_4["runtime"]["validate_sync"] = True  # checksums after every sync, both kinds
 SPLIT_2_NODES = explicit(
     [["policy", "reference", "value", "reward"], ["ppo_policy", "ppo_value"]],
     dict.fromkeys(MODELS, 1),

@@ -75,6 +75,11 @@ class RuntimeConfig(BaseModel):
     response_length: int = Field(
         512, ge=0, description="Tokens generated per sample, for the compiler's cost model."
     )
+    validate_sync: bool = Field(
+        False,
+        description="After every parameter sync, compare checksums of source and "
+        "destination and name any parameter that differs (costs a pass over the weights).",
+    )
     sync_bucket_mb: int = Field(
         256, ge=1, description="Size of the buckets that parameter sync broadcasts across meshes."
     )

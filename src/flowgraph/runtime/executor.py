@@ -24,20 +24,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from flowgraph.compiler.graph import TRAIN_METHOD, Graph, Node
 from flowgraph.compiler.plan import Instruction, Plan
-from flowgraph.compiler.sizing import meta_parameters
 from flowgraph.data import Batch, batch_size
-from flowgraph.module import BaseModule, TorchModule
+from flowgraph.module import TorchModule
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
 from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.launch import DistContext, format_exception
 from flowgraph.runtime.local import LocalJob
 from flowgraph.runtime.rng import reseed
-from flowgraph.runtime.sync import SyncPlan, check_torch_modules, match_parameters
+from flowgraph.runtime.sync import CrossSync, SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
 from flowgraph.runtime.transport import Outbox, all_gather_objects, recv_batch
 
@@ -52,67 +50,6 @@ def owned(wave: int, width: int, ranks: tuple[int, ...], rank: int, total: int) 
 def owner(k: int, width: int, ranks: tuple[int, ...]) -> int:
     """The rank of mesh ``ranks`` that owns micro-batch ``k``."""
     return ranks[(k % width) // (width // len(ranks))]
-
-
-class CrossSync:
-    """Weights of ``src`` broadcast bucket by bucket to ``dst`` on other ranks.
-
-    Both sides agree on the tensor order (the source's parameter order) and on the bucket
-    boundaries without talking: the shapes of the side that is not local come from running
-    its ``setup()`` on the meta device.
-    """
-
-    def __init__(
-        self,
-        src: BaseModule,
-        dst: BaseModule,
-        buckets: int,
-        rank: int,
-        src_ranks: tuple[int, ...],
-        dst_ranks: tuple[int, ...],
-    ) -> None:
-        check_torch_modules(src, dst)
-        self.rank, self.root = rank, src_ranks[0]
-        src_params = dict(src.sync_parameters()) if rank in src_ranks else meta_parameters(src)
-        dst_params = dict(dst.sync_parameters()) if rank in dst_ranks else meta_parameters(dst)
-        names = match_parameters(src, dst, src_params, dst_params)
-        local = src_params if rank in src_ranks else dst_params
-        self.tensors = [local[s if rank in src_ranks else d] for s, d in names]
-        sizes = [src_params[s].numel() * src_params[s].element_size() for s, _ in names]
-        self.buckets = _partition(sizes, buckets)
-        self.sends = rank in src_ranks
-
-    def broadcast(self, bucket: int, group: object) -> None:
-        tensors = [self.tensors[i] for i in self.buckets[bucket]]
-        if not tensors:
-            return
-        device = tensors[0].device
-        if self.rank == self.root:
-            flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
-        else:
-            flat = torch.empty(
-                sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8, device=device
-            )
-        dist.broadcast(flat, src=self.root, group=group)
-        if self.sends:
-            return
-        offset = 0
-        with torch.no_grad():
-            for t in tensors:
-                n = t.numel() * t.element_size()
-                t.copy_(flat[offset : offset + n].view(t.dtype).reshape(t.shape))
-                offset += n
-
-
-def _partition(sizes: list[int], buckets: int) -> list[list[int]]:
-    """Indices of ``sizes`` cut into ``buckets`` contiguous runs of about equal bytes."""
-    total = sum(sizes) or 1
-    out: list[list[int]] = [[] for _ in range(buckets)]
-    running = 0
-    for i, size in enumerate(sizes):
-        out[min(buckets - 1, running * buckets // total)].append(i)
-        running += size
-    return out
 
 
 @dataclass
@@ -382,12 +319,18 @@ class SpmdRunner:
 
     def _op_sync(self, ins: Instruction) -> None:
         src, dst = ins.target.split("->")
-        self.local_syncs[(src, dst)].apply()
+        plan = self.local_syncs[(src, dst)]
+        plan.apply()
+        if self.runtime.validate_sync:
+            plan.validate()
 
     def _op_bcast(self, ins: Instruction) -> None:
         src, dst = ins.target.split("->")
         members = tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks)))
-        self.cross_syncs[(src, dst)].broadcast(ins.bucket, self.ctx.group(members))
+        sync = self.cross_syncs[(src, dst)]
+        sync.broadcast(ins.bucket, self.ctx.group(members))
+        if self.runtime.validate_sync and ins.bucket == len(sync.buckets) - 1:
+            sync.validate(self.ctx.group(members))
 
     def _op_free(self, ins: Instruction) -> None:
         """Offload lands with the offload feature; until then weights stay put."""

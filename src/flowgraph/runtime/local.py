@@ -90,6 +90,8 @@ class LocalRunner:
             with timer.stage("sync"):
                 for plan in due:
                     plan.apply()
+                    if self.runtime.validate_sync:
+                        plan.validate()
         record.stages.update(timer.seconds)
         interval = self.runtime.eval_episode_interval
         if self.evaluator and interval and episode % interval == 0:

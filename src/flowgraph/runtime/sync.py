@@ -22,11 +22,14 @@ Example::
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from flowgraph.compiler.sizing import meta_parameters
 from flowgraph.errors import ParameterSyncError
 from flowgraph.module import BaseModule, TorchModule
 
@@ -88,6 +91,7 @@ class SyncPlan:
     src: str
     dst: str
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    names: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def build(cls, src: BaseModule, dst: BaseModule) -> SyncPlan:
@@ -96,13 +100,20 @@ class SyncPlan:
         src_params = dict(src.sync_parameters())
         dst_params = dict(dst.sync_parameters())
         names = match_parameters(src, dst, src_params, dst_params)
-        return cls(src.name, dst.name, [(src_params[s], dst_params[d]) for s, d in names])
+        return cls(src.name, dst.name, [(src_params[s], dst_params[d]) for s, d in names], names)
 
     def apply(self) -> None:
         """Copy every source tensor into its destination, in place."""
         with torch.no_grad():
             for src_tensor, dst_tensor in self.pairs:
                 dst_tensor.copy_(src_tensor)
+
+    def validate(self) -> None:
+        """``validate_sync``: raise ``ParameterSyncError`` naming destination tensors whose
+        checksum differs from their source's."""
+        src_sums = checksums([s for s, _ in self.pairs])
+        dst_sums = checksums([d for _, d in self.pairs])
+        _raise_if_differ(self.src, self.dst, self.names, src_sums, [dst_sums])
 
     @property
     def numel(self) -> int:
@@ -116,3 +127,108 @@ class SyncPlan:
 
 def _describe(tensor: torch.Tensor) -> str:
     return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+class CrossSync:
+    """Weights of ``src`` broadcast bucket by bucket to ``dst`` on other ranks.
+
+    Both sides agree on the tensor order (the source's parameter order) and on the bucket
+    boundaries without talking: the shapes of the side that is not local come from running
+    its ``setup()`` on the meta device. Bucket ``b`` is sent by source rank
+    ``src_ranks[b % len(src_ranks)]`` (every source rank holds the same weights), so no
+    single rank sends them all.
+    """
+
+    def __init__(
+        self,
+        src: BaseModule,
+        dst: BaseModule,
+        buckets: int,
+        rank: int,
+        src_ranks: tuple[int, ...],
+        dst_ranks: tuple[int, ...],
+    ) -> None:
+        check_torch_modules(src, dst)
+        self.src, self.dst = src.name, dst.name
+        self.rank, self.src_ranks = rank, src_ranks
+        self.sends = rank in src_ranks
+        src_params = dict(src.sync_parameters()) if self.sends else meta_parameters(src)
+        dst_params = dict(dst.sync_parameters()) if rank in dst_ranks else meta_parameters(dst)
+        self.names = match_parameters(src, dst, src_params, dst_params)
+        local = src_params if self.sends else dst_params
+        self.tensors = [local[s if self.sends else d] for s, d in self.names]
+        sizes = [src_params[s].numel() * src_params[s].element_size() for s, _ in self.names]
+        self.buckets = _partition(sizes, buckets)
+
+    def root(self, bucket: int) -> int:
+        return self.src_ranks[bucket % len(self.src_ranks)]
+
+    def broadcast(self, bucket: int, group: object) -> None:
+        """Send (on the bucket's root) or receive bucket ``bucket`` into place."""
+        tensors = [self.tensors[i] for i in self.buckets[bucket]]
+        if not tensors:
+            return
+        root = self.root(bucket)
+        if self.rank == root:
+            flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+        else:
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
+        dist.broadcast(flat, src=root, group=group)
+        if self.sends:
+            return
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                n = t.numel() * t.element_size()
+                t.copy_(flat[offset : offset + n].view(t.dtype).reshape(t.shape))
+                offset += n
+
+    def validate(self, group: object) -> None:
+        """Compare checksums of every source and destination tensor (``validate_sync``);
+        raise ``ParameterSyncError`` naming the parameters that differ."""
+        mine = (self.sends, checksums(self.tensors))
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, mine, group=group)
+        expected = next(sums for sends, sums in parts if sends)
+        received = [sums for sends, sums in parts if not sends]
+        _raise_if_differ(self.src, self.dst, self.names, expected, received)
+
+
+def _raise_if_differ(
+    src: str,
+    dst: str,
+    names: list[tuple[str, str]],
+    expected: list[int],
+    received: list[list[int]],
+) -> None:
+    differing = sorted({
+        f"{s} -> {d}"
+        for sums in received
+        for (s, d), want, got in zip(names, expected, sums, strict=True)
+        if want != got
+    })  # fmt: skip
+    if differing:
+        raise ParameterSyncError(
+            f"validate_sync: after sync {src} -> {dst}, these parameters differ between "
+            f"source and destination: {', '.join(differing)}"
+        )
+
+
+def checksums(tensors: list[torch.Tensor]) -> list[int]:
+    """A CRC32 of every tensor's bytes (exact: one flipped bit changes it)."""
+    return [
+        zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        for t in tensors
+    ]
+
+
+def _partition(sizes: list[int], buckets: int) -> list[list[int]]:
+    """Indices of ``sizes`` cut into ``buckets`` contiguous runs of about equal bytes."""
+    total = sum(sizes) or 1
+    out: list[list[int]] = [[] for _ in range(buckets)]
+    running = 0
+    for i, size in enumerate(sizes):
+        out[min(buckets - 1, running * buckets // total)].append(i)
+        running += size
+    return out
