@@ -212,11 +212,19 @@ def test_two_engines_with_the_same_module_names_in_one_process():
 
 def test_settings_without_effect_yet_are_reported(caplog):
     flowgraph.init({"runtime": {**RUNTIME, "save_episode_interval": 1},
-                    "models": {"ppo_policy": {"backend": "deepspeed"}}})  # fmt: skip
+                    "models": {"policy": {"offload": True}}})  # fmt: skip
     engine, _ = rlhf_engine()
     engine.learn()
     assert "runtime.save_episode_interval (checkpointing) is set but has no effect" in caplog.text
-    assert "models.ppo_policy.backend (the DeepSpeed backend) is set but has no" in caplog.text
+    assert "models.policy.offload (offloading between stages) is set but has no" in caplog.text
+
+
+def test_deepspeed_backend_needs_a_deepspeed_module():
+    flowgraph.init({"runtime": RUNTIME, "models": {"ppo_policy": {"backend": "deepspeed"}}})
+    engine, _ = rlhf_engine()
+    with pytest.raises(flowgraph.ConfigError, match="models.ppo_policy.backend: deepspeed needs a "
+                       "DeepSpeedModule, but PolicyTrainer is a Trained"):  # fmt: skip
+        engine.learn()
 
 
 def test_default_settings_report_nothing(caplog):

@@ -16,11 +16,12 @@ from flowgraph.errors import (
     PlanError,
     TraceError,
 )
-from flowgraph.module import BaseModule, TorchModule
+from flowgraph.module import BaseModule, DeepSpeedModule, TorchModule
 
 __all__ = [
     "BaseModule",
     "Config",
+    "DeepSpeedModule",
     "ConfigError",
     "DataError",
     "Engine",

@@ -287,8 +287,6 @@ PENDING = {
     "runtime.save_episode_interval": "checkpointing",
     "runtime.checkpoint_dir": "checkpointing",
     "runtime.max_checkpoints": "checkpointing",
-    "models.backend": "the DeepSpeed backend",
-    "models.zero_stage": "the DeepSpeed backend",
     "models.offload": "offloading between stages",
 }
 

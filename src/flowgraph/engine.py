@@ -37,6 +37,7 @@ from flowgraph.errors import (
     did_you_mean,
 )
 from flowgraph.module import BaseModule
+from flowgraph.runtime.backends import effective_backend
 from flowgraph.runtime.executor import SpmdRunner
 from flowgraph.runtime.launch import DistContext
 from flowgraph.runtime.local import EvalJob, LocalJob, LocalRunner
@@ -316,6 +317,7 @@ class Engine:
             log.warning("%s is set but has no effect in this version of flowgraph", setting)
         trainable = set(self.trainable_models(config))
         for module in self.modules.values():
+            effective_backend(module, config.model(module.name))
             module.config = config
             module.trainable = module.name in trainable
         job = LocalJob(

@@ -35,7 +35,14 @@ from flowgraph.errors import EngineError
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # Public methods of the framework's own API: never recorded as model calls.
 _NOT_RECORDED = frozenset(
-    {"setup", "map_sync_name", "missing_step_method", "sync_parameters", "parameter_count"}
+    {
+        "setup",
+        "map_sync_name",
+        "missing_step_method",
+        "sync_parameters",
+        "parameter_count",
+        "deepspeed_config",
+    }
 )
 
 
@@ -178,3 +185,45 @@ class TorchModule(BaseModule):
     def parameter_count(self) -> int:
         """Number of parameters in ``self.model``."""
         return sum(t.numel() for _, t in self.sync_parameters())
+
+
+class DeepSpeedModule(TorchModule):
+    """A trainer whose ``self.model``/``self.optimizer`` are handed to ``deepspeed.initialize``
+    on its mesh after ``setup()`` (ZeRO stage from ``models.<name>.zero_stage``).
+
+    ``self.engine`` is then the DeepSpeed engine; ``train_step`` calls
+    ``self.engine.backward(loss)`` and ``self.engine.step()`` once per micro-batch (DeepSpeed
+    accumulates over the step's micro-batches). Pass a torch optimizer: DeepSpeed's own
+    Adam compiles for minutes on first use.
+
+    Example::
+
+        class PolicyTrainer(DeepSpeedModule):
+            def setup(self):
+                self.model = TinyGPT(...)
+                self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+            def train_step(self, micro_batches):
+                for mb in micro_batches:
+                    loss = self.model(mb["x"]).pow(2).mean()
+                    self.engine.backward(loss)
+                    self.engine.step()
+                return {"loss": loss.item()}
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.engine = None
+
+    def deepspeed_config(self, mesh_size: int) -> dict:
+        """The DeepSpeed config; override to add fields (bf16, clipping, ...)."""
+        runtime = self.runtime_config
+        micro = runtime.train_micro_batch_size
+        accumulation = runtime.global_batch_size // (micro * mesh_size)
+        return {
+            "train_batch_size": micro * accumulation * mesh_size,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accumulation,
+            "zero_optimization": {"stage": self.model_config.zero_stage},
+            "steps_per_print": 2**31 - 1,
+        }

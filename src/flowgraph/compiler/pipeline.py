@@ -86,9 +86,15 @@ def size_models(ctx: CompileContext) -> None:
             name=name,
             params=params,
             trainable=name in ctx.program.trainable,
-            zero_stage=settings.zero_stage if settings.backend == "deepspeed" else 0,
+            zero_stage=settings.zero_stage if _uses_deepspeed(module, settings.backend) else 0,
             offload=settings.offload,
         )
+
+
+def _uses_deepspeed(module: object, backend: str) -> bool:
+    # By class name: the compiler does not import the runtime's module hierarchy.
+    names = {cls.__name__ for cls in type(module).__mro__}
+    return backend == "deepspeed" or "DeepSpeedModule" in names
 
 
 def place_models(ctx: CompileContext) -> None:

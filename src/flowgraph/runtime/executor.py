@@ -29,7 +29,7 @@ import torch.distributed as dist
 from flowgraph.compiler.graph import TRAIN_METHOD, Graph, Node
 from flowgraph.compiler.plan import Instruction, Plan
 from flowgraph.data import Batch, batch_size
-from flowgraph.module import TorchModule
+from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
 from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.launch import DistContext, format_exception
@@ -97,13 +97,15 @@ class SpmdRunner:
             module = self.job.modules[name]
             reseed(self.runtime.seed, "setup", name)
             module.setup()
-            if module.trainable and isinstance(module, TorchModule) and len(self.mesh[name]) > 1:
-                self._wrap_ddp(module)
+            if module.trainable:
+                ranks = self.mesh[name]
+                group = self.ctx.group(ranks) if len(ranks) > 1 else None
+                prepare(module, group, len(ranks), self.runtime)
         for src, dst in self.job.syncs:
             key = (src.name, dst.name)
             if self.mesh[src.name] == self.mesh[dst.name]:
                 if self.rank in self.mesh[src.name]:
-                    self.local_syncs[key] = SyncPlan.build(src, dst)
+                    self.local_syncs[key] = SyncPlan.build(src, dst, self._bucket_bytes)
             elif self.rank in self.mesh[src.name] or self.rank in self.mesh[dst.name]:
                 self.cross_syncs[key] = CrossSync(
                     src,
@@ -122,20 +124,9 @@ class SpmdRunner:
                     sets.append(tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks))))
         return sets
 
-    def _wrap_ddp(self, module: TorchModule) -> None:
-        """DDP over the model's mesh. The model stays where ``setup()`` put it (under
-        torchrun on GPUs the current device is ``cuda:LOCAL_RANK``)."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        params = list(module.model.parameters()) if module.model is not None else []
-        if not params:
-            return
-        device = params[0].device
-        module.model = DistributedDataParallel(
-            module.model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=self.ctx.group(self.mesh[module.name]),
-        )
+    @property
+    def _bucket_bytes(self) -> int:
+        return self.runtime.sync_bucket_mb * 2**20
 
     def _bucket_count(self, key: tuple[str, str]) -> int:
         target = f"{key[0]}->{key[1]}"
@@ -380,7 +371,7 @@ class SpmdRunner:
         if elsewhere is not None and not elsewhere.startswith(f"{self.rank}\n"):
             other, _, text = elsewhere.partition("\n")
             message = f"flowgraph: rank {self.rank} stops because rank {other} failed:\n{text}"
-        elif ins.is_communication:
+        elif ins.is_communication and _is_communication_failure(err):
             peers = sorted((set(ins.src_ranks) | set(ins.dst_ranks)) - {self.rank})
             message = (
                 f"flowgraph: {where}\n  no answer from rank(s) {peers} within "
@@ -391,6 +382,14 @@ class SpmdRunner:
         self.ctx.report_failure(message)
         sys.stdout.flush()
         os._exit(1)
+
+
+def _is_communication_failure(err: Exception) -> bool:
+    """A timeout or a lost peer, as gloo and NCCL report them (not a bug in our code)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("Timed out", "timed out", "Connection", "closed by peer")
+    )
 
 
 def _instruction_model(ins: Instruction, phases: Mapping[str, _Phase]) -> Node | None:

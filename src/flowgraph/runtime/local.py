@@ -17,6 +17,7 @@ from flowgraph.compiler.graph import Graph
 from flowgraph.config import Config
 from flowgraph.data import Batch, Dataset, batch_size
 from flowgraph.module import BaseModule
+from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
 from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.rng import reseed
@@ -64,7 +65,10 @@ class LocalRunner:
         for module in self.job.modules.values():
             reseed(self.runtime.seed, "setup", module.name)
             module.setup()
-        self.sync_plans = [SyncPlan.build(src, dst) for src, dst in self.job.syncs]
+            if module.trainable:
+                prepare(module, None, 1, self.runtime)
+        bucket_bytes = self.runtime.sync_bucket_mb * 2**20
+        self.sync_plans = [SyncPlan.build(s, d, bucket_bytes) for s, d in self.job.syncs]
         for plan in self.sync_plans:
             plan.apply()  # inference copies start from the trainer's weights
         if self.evaluator and self.runtime.enable_eval_before_training:

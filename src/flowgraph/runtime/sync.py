@@ -22,8 +22,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +67,7 @@ def match_parameters(
             problems.append(f"{src_name}: no parameter {dst_name!r} in {dst.name}")
             continue
         claimed.add(dst_name)
-        if src_tensor.shape != dst_tensor.shape or src_tensor.dtype != dst_tensor.dtype:
+        if full_shape(src_tensor) != full_shape(dst_tensor) or src_tensor.dtype != dst_tensor.dtype:
             problems.append(
                 f"{src_name} -> {dst_name}: {_describe(src_tensor)} vs {_describe(dst_tensor)}"
             )
@@ -92,32 +94,40 @@ class SyncPlan:
     dst: str
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     names: list[tuple[str, str]] = field(default_factory=list)
+    buckets: list[list[int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, src: BaseModule, dst: BaseModule) -> SyncPlan:
-        """Pair the live parameters of two modules set up in this process."""
+    def build(cls, src: BaseModule, dst: BaseModule, bucket_bytes: int = 256 * 2**20) -> SyncPlan:
+        """Pair the live parameters of two modules set up in this process; copies go in
+        buckets of ``bucket_bytes`` (the unit a ZeRO-3 source is gathered in)."""
         check_torch_modules(src, dst)
         src_params = dict(src.sync_parameters())
         dst_params = dict(dst.sync_parameters())
         names = match_parameters(src, dst, src_params, dst_params)
-        return cls(src.name, dst.name, [(src_params[s], dst_params[d]) for s, d in names], names)
+        pairs = [(src_params[s], dst_params[d]) for s, d in names]
+        sizes = [nbytes(s) for s, _ in pairs]
+        count = max(1, math.ceil(sum(sizes) / bucket_bytes))
+        return cls(src.name, dst.name, pairs, names, _partition(sizes, count))
 
     def apply(self) -> None:
         """Copy every source tensor into its destination, in place."""
         with torch.no_grad():
-            for src_tensor, dst_tensor in self.pairs:
-                dst_tensor.copy_(src_tensor)
+            for bucket in self.buckets:
+                sources = [self.pairs[i][0] for i in bucket]
+                with gathered(sources):
+                    for i in bucket:
+                        self.pairs[i][1].copy_(self.pairs[i][0])
 
     def validate(self) -> None:
         """``validate_sync``: raise ``ParameterSyncError`` naming destination tensors whose
         checksum differs from their source's."""
-        src_sums = checksums([s for s, _ in self.pairs])
-        dst_sums = checksums([d for _, d in self.pairs])
+        src_sums = checksums([s for s, _ in self.pairs], self.buckets)
+        dst_sums = checksums([d for _, d in self.pairs], self.buckets)
         _raise_if_differ(self.src, self.dst, self.names, src_sums, [dst_sums])
 
     @property
     def numel(self) -> int:
-        return sum(s.numel() for s, _ in self.pairs)
+        return sum(math.prod(full_shape(s)) for s, _ in self.pairs)
 
     def __str__(self) -> str:
         return (
@@ -126,7 +136,28 @@ class SyncPlan:
 
 
 def _describe(tensor: torch.Tensor) -> str:
-    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+    return f"{tuple(full_shape(tensor))} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also for a ZeRO-3 shard (whose full shape is ``ds_shape``)."""
+    return getattr(tensor, "ds_shape", tensor.shape)
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    return math.prod(full_shape(tensor)) * tensor.element_size()
+
+
+@contextlib.contextmanager
+def gathered(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Inside: full values of ZeRO-3 shards (every rank of their mesh must enter)."""
+    if not any(hasattr(t, "ds_shape") for t in tensors):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+        yield
 
 
 class CrossSync:
@@ -157,7 +188,7 @@ class CrossSync:
         self.names = match_parameters(src, dst, src_params, dst_params)
         local = src_params if self.sends else dst_params
         self.tensors = [local[s if self.sends else d] for s, d in self.names]
-        sizes = [src_params[s].numel() * src_params[s].element_size() for s, _ in self.names]
+        sizes = [nbytes(src_params[s]) for s, _ in self.names]
         self.buckets = _partition(sizes, buckets)
 
     def root(self, bucket: int) -> int:
@@ -169,11 +200,13 @@ class CrossSync:
         if not tensors:
             return
         root = self.root(bucket)
-        if self.rank == root:
-            flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
-        else:
-            nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            flat = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
+        if self.sends:
+            with gathered(tensors):  # ZeRO-3: this bucket only, on every source rank
+                if self.rank == root:
+                    flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+        if self.rank != root:
+            size = sum(nbytes(t) for t in tensors)
+            flat = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
         dist.broadcast(flat, src=root, group=group)
         if self.sends:
             return
@@ -187,7 +220,7 @@ class CrossSync:
     def validate(self, group: object) -> None:
         """Compare checksums of every source and destination tensor (``validate_sync``);
         raise ``ParameterSyncError`` naming the parameters that differ."""
-        mine = (self.sends, checksums(self.tensors))
+        mine = (self.sends, checksums(self.tensors, self.buckets))
         parts: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(parts, mine, group=group)
         expected = next(sums for sends, sums in parts if sends)
@@ -215,12 +248,17 @@ def _raise_if_differ(
         )
 
 
-def checksums(tensors: list[torch.Tensor]) -> list[int]:
-    """A CRC32 of every tensor's bytes (exact: one flipped bit changes it)."""
-    return [
-        zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        for t in tensors
-    ]
+def checksums(tensors: list[torch.Tensor], buckets: list[list[int]] | None = None) -> list[int]:
+    """A CRC32 of every tensor's bytes (exact: one flipped bit changes it), gathering
+    ZeRO-3 shards bucket by bucket."""
+    sums = [0] * len(tensors)
+    for bucket in buckets or [list(range(len(tensors)))]:
+        members = [tensors[i] for i in bucket]
+        with gathered(members):
+            for i, t in zip(bucket, members, strict=True):
+                raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                sums[i] = zlib.crc32(raw.numpy())
+    return sums
 
 
 def _partition(sizes: list[int], buckets: int) -> list[list[int]]:
