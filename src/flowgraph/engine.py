@@ -37,7 +37,7 @@ from flowgraph.errors import (
     did_you_mean,
 )
 from flowgraph.module import BaseModule
-from flowgraph.runtime.backends import effective_backend
+from flowgraph.runtime.backends import check_zero3_meshes, effective_backend
 from flowgraph.runtime.executor import SpmdRunner
 from flowgraph.runtime.launch import DistContext
 from flowgraph.runtime.local import EvalJob, LocalJob, LocalRunner
@@ -352,6 +352,7 @@ class Engine:
                 "rank must run the same script with the same config and overrides "
                 f"(fingerprints: {', '.join(f'rank {r} {f}' for r, f in enumerate(fingerprints))})"
             )
+        check_zero3_meshes(self.modules, plan, config)
         return SpmdRunner(job, plan, ctx).run()
 
     def _eval_job(self, config: Config) -> EvalJob | None:

@@ -225,5 +225,7 @@ class DeepSpeedModule(TorchModule):
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": accumulation,
             "zero_optimization": {"stage": self.model_config.zero_stage},
+            "zero_allow_untested_optimizer": True,  # any torch optimizer works
+            "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told otherwise
             "steps_per_print": 2**31 - 1,
         }

@@ -78,6 +78,10 @@ def ensure_process_group() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port)}  # fmt: skip
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)  # DeepSpeed reads these, as torchrun sets them
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
@@ -136,3 +140,23 @@ def zero_stage(module: BaseModule) -> int:
 def is_partitioned(tensor: torch.Tensor) -> bool:
     """Whether a parameter is a ZeRO-3 shard (its full shape is ``ds_shape``)."""
     return hasattr(tensor, "ds_shape")
+
+
+def check_zero3_meshes(modules: dict, plan: object, config: object) -> None:
+    """ZeRO-3 only on a mesh of every rank: DeepSpeed 0.19 calls a world-wide barrier while
+    it partitions the model, which ranks outside the mesh never reach."""
+    world = plan.cluster.world_size
+    for p in plan.placement:
+        module = modules[p.model]
+        settings = config.model(p.model)
+        if (
+            isinstance(module, DeepSpeedModule)
+            and settings.zero_stage == 3
+            and len(p.ranks) != world
+        ):
+            raise ConfigError(
+                f"models.{p.model}: zero_stage 3 on ranks {list(p.ranks)} of {world}: DeepSpeed "
+                "partitions ZeRO-3 models with a barrier over all ranks, so the trainer's mesh "
+                f"must cover every rank; colocate it with the other models "
+                f"(runtime.colocation, num_gpu: {world}) or use zero_stage 1 or 2"
+            )
