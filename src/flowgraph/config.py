@@ -127,8 +127,14 @@ class ModelConfig(BaseModel):
     sync_frequency: int = Field(
         1, ge=1, description="Receive parameter sync after every N-th episode."
     )
-    backend: Literal["torch", "deepspeed"] = Field("torch", description="Training backend.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="Training backend: torch (DDP on the mesh) or deepspeed (needs a "
+        "DeepSpeedModule; a DeepSpeedModule always uses it).",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="DeepSpeed ZeRO stage (3 needs the trainer's mesh to span every rank)."
+    )
     offload: bool = Field(False, description="Free device memory between stages.")
     params: str | int | None = Field(
         None, description="Parameter count for the cost model, e.g. 7B or 350M."

@@ -122,6 +122,8 @@ class SpmdRunner:
             for ins in stream.instructions:
                 if ins.op in ("GATHER", "BCAST"):
                     sets.append(tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks))))
+                if ins.op == "BCAST":  # each bucket goes from one source rank to the destination
+                    sets += [tuple(sorted({r, *ins.dst_ranks})) for r in ins.src_ranks]
         return sets
 
     @property
@@ -319,7 +321,8 @@ class SpmdRunner:
         src, dst = ins.target.split("->")
         members = tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks)))
         sync = self.cross_syncs[(src, dst)]
-        sync.broadcast(ins.bucket, self.ctx.group(members))
+        root_and_destination = (sync.root(ins.bucket), *ins.dst_ranks)
+        sync.broadcast(ins.bucket, self.ctx.group(root_and_destination))
         if self.runtime.validate_sync and ins.bucket == len(sync.buckets) - 1:
             sync.validate(self.ctx.group(members))
 

@@ -195,7 +195,13 @@ class CrossSync:
         return self.src_ranks[bucket % len(self.src_ranks)]
 
     def broadcast(self, bucket: int, group: object) -> None:
-        """Send (on the bucket's root) or receive bucket ``bucket`` into place."""
+        """Send (on the bucket's root) or receive bucket ``bucket`` into place.
+
+        ``group`` holds the bucket's root and the destination ranks only; other source
+        ranks just take part in gathering ZeRO-3 shards. Tensors of ``DIRECT_BYTES`` or
+        more travel straight from the source parameter into the destination parameter;
+        smaller ones share one flat buffer.
+        """
         tensors = [self.tensors[i] for i in self.buckets[bucket]]
         if not tensors:
             return
@@ -203,19 +209,10 @@ class CrossSync:
         if self.sends:
             with gathered(tensors):  # ZeRO-3: this bucket only, on every source rank
                 if self.rank == root:
-                    flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
-        if self.rank != root:
-            size = sum(nbytes(t) for t in tensors)
-            flat = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
-        dist.broadcast(flat, src=root, group=group)
-        if self.sends:
+                    _broadcast_tensors(tensors, root, group, receive=False)
             return
-        offset = 0
         with torch.no_grad():
-            for t in tensors:
-                n = t.numel() * t.element_size()
-                t.copy_(flat[offset : offset + n].view(t.dtype).reshape(t.shape))
-                offset += n
+            _broadcast_tensors(tensors, root, group, receive=True)
 
     def validate(self, group: object) -> None:
         """Compare checksums of every source and destination tensor (``validate_sync``);
@@ -226,6 +223,37 @@ class CrossSync:
         expected = next(sums for sends, sums in parts if sends)
         received = [sums for sends, sums in parts if not sends]
         _raise_if_differ(self.src, self.dst, self.names, expected, received)
+
+
+DIRECT_BYTES = 4 * 2**20
+
+
+def _broadcast_tensors(
+    tensors: list[torch.Tensor], root: int, group: object, receive: bool
+) -> None:
+    """Broadcast ``tensors`` from ``root``: large contiguous ones in place and
+    asynchronously, the small ones packed into one buffer."""
+    direct = [t for t in tensors if nbytes(t) >= DIRECT_BYTES and t.is_contiguous()]
+    small = [t for t in tensors if not any(t is d for d in direct)]
+    works = [
+        dist.broadcast(t.detach().view(-1).view(torch.uint8), src=root, group=group, async_op=True)
+        for t in direct
+    ]
+    if small:
+        if receive:
+            flat = torch.empty(sum(nbytes(t) for t in small), dtype=torch.uint8,
+                               device=small[0].device)  # fmt: skip
+        else:
+            flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in small])
+        dist.broadcast(flat, src=root, group=group)
+        if receive:
+            offset = 0
+            for t in small:
+                n = nbytes(t)
+                t.copy_(flat[offset : offset + n].view(t.dtype).reshape(t.shape))
+                offset += n
+    for work in works:
+        work.wait()
 
 
 def _raise_if_differ(
