@@ -17,6 +17,7 @@ sys.path.insert(0, str(HERE))
 import bench_compile  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_runtime  # noqa: E402
+import bench_sync  # noqa: E402
 import bench_trace  # noqa: E402
 import bench_transfer  # noqa: E402
 import torch  # noqa: E402
@@ -31,6 +32,7 @@ def main() -> None:
         + bench_compile.main()
         + bench_transfer.main()
         + bench_runtime.main()
+        + bench_sync.main()
     )
     out = HERE / "out"
     out.mkdir(exist_ok=True)
