@@ -264,11 +264,11 @@ class Engine:
         if self.trainer is not None:
             graph = self.trainer.traced.graph
             trained = {n.model for n in graph.calls() if n.method == TRAIN_METHOD}
+        chosen = {name: config.model(name).trainable for name in self.modules}
         return [
             name
-            for name in self.modules
-            if config.model(name).trainable
-            or (name in trained and config.model(name).trainable is not False)
+            for name, setting in chosen.items()
+            if (name in trained if setting is None else setting)
         ]
 
     def program(self, config: Config) -> Program:
