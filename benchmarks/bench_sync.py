@@ -15,19 +15,16 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import report  # noqa: E402
+from common import report, spawn_two  # noqa: E402
 
 from flowgraph import TorchModule  # noqa: E402
 from flowgraph.runtime.sync import CrossSync, SyncPlan  # noqa: E402
@@ -113,14 +110,7 @@ def _seconds(fn) -> float:
 
 
 def main() -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "sync.json")
-        mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
-        with open(out) as f:
-            r = json.load(f)
+    r = spawn_two(_worker)
     rows = []
     for label, params in MODELS.items():
         nbytes = params * 4

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import report  # noqa: E402
+from common import report, spawn_two  # noqa: E402
 
 from flowgraph.runtime.transport import Outbox, recv_batch  # noqa: E402
 
@@ -81,14 +78,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def main() -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "transfer.json")
-        mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
-        with open(out) as f:
-            results = json.load(f)
+    results = spawn_two(_worker)
     rows = []
     for megabytes, r in results.items():
         raw = r["bytes"] / r["raw_s"] / 1e9

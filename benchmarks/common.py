@@ -1,10 +1,17 @@
-"""Timing helpers shared by the benchmarks: medians of repeated runs."""
+"""Helpers shared by the benchmarks: medians of repeated runs, a report line, and two
+spawned gloo processes."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+
+import torch.multiprocessing as mp
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, inner: int = 1) -> float:
@@ -23,3 +30,17 @@ def report(name: str, value: float, unit: str, target: str = "") -> dict:
     line = f"{name:<58} {value:>12.4f} {unit:<8} {target}"
     print(line, flush=True)
     return {"name": name, "value": value, "unit": unit, "target": target}
+
+
+def spawn_two(worker: Callable[[int, int, str], None]) -> dict:
+    """Run ``worker(rank, port, out_path)`` in two processes; return the JSON that rank 1
+    wrote to ``out_path`` (the workers set up gloo on ``port`` themselves)."""
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        mp.spawn(worker, args=(port, out), nprocs=2, join=True)
+        with open(out) as f:
+            return json.load(f)
