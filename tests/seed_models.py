@@ -62,8 +62,14 @@ class ValueInference(Recorded):
 
 
 class RewardInference(Recorded):
-    """``models.reward.args.fail_rank: R`` makes rank R raise (``fail: hang``: hang) in
-    forward_step, for the failure tests."""
+    """``models.reward.args.fail_rank: R`` makes rank R raise in forward_step (``fail:
+    hang``: hang there; ``fail: setup``: raise in setup), for the failure tests."""
+
+    def setup(self):
+        args = self.model_config.args
+        if args.get("fail") == "setup" and str(args.get("fail_rank")) == os.environ.get("RANK"):
+            raise OSError("injected failure: checkpoint /ckpt/reward.pt not found")
+        super().setup()
 
     output_key = "reward_y"
     init_seed = 2

@@ -90,6 +90,15 @@ def test_exception_on_one_rank_stops_the_job_with_rank_model_instruction_and_lin
     assert "RuntimeError: injected failure in the reward model" in err
 
 
+def test_a_failing_setup_names_the_rank_and_model(tmp_path):
+    config = with_failure(fail_rank=1, fail="setup")
+    config["models"]["reward"]["params"] = "1K"  # sized from config: setup runs only for real
+    result = run_job(tmp_path, config, nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert "flowgraph: rank 1 failed while setting up model reward" in result.stderr
+    assert "OSError: injected failure: checkpoint /ckpt/reward.pt not found" in result.stderr
+
+
 def test_a_rank_that_stops_answering_is_reported_after_the_timeout(tmp_path):
     start = time.monotonic()
     result = run_job(tmp_path, with_failure(fail_rank=1, fail="hang"), nproc=2, timeout=120)

@@ -94,13 +94,25 @@ class SpmdRunner:
     def setup(self) -> None:
         self.ctx.new_groups(self._rank_sets())
         for name in self.hosted:
-            module = self.job.modules[name]
-            reseed(self.runtime.seed, "setup", name)
-            module.setup()
-            if module.trainable:
-                ranks = self.mesh[name]
-                group = self.ctx.group(ranks) if len(ranks) > 1 else None
-                prepare(module, group, len(ranks), self.runtime)
+            try:
+                self._setup_model(name)
+            except Exception as err:
+                self._stop(f"rank {self.rank} failed while setting up model {name}", err)
+        try:
+            self._setup_syncs()
+        except Exception as err:
+            self._stop(f"rank {self.rank} failed while preparing parameter syncs", err)
+
+    def _setup_model(self, name: str) -> None:
+        module = self.job.modules[name]
+        reseed(self.runtime.seed, "setup", name)
+        module.setup()
+        if module.trainable:
+            ranks = self.mesh[name]
+            group = self.ctx.group(ranks) if len(ranks) > 1 else None
+            prepare(module, group, len(ranks), self.runtime)
+
+    def _setup_syncs(self) -> None:
         for src, dst in self.job.syncs:
             key = (src.name, dst.name)
             if self.mesh[src.name] == self.mesh[dst.name]:
@@ -370,16 +382,24 @@ class SpmdRunner:
         model = _instruction_model(ins, self.phases)
         if model is not None:
             where += f"\n  model {model.model}: {model}  # {model.source}"
+        if ins.is_communication and _is_communication_failure(err):
+            peers = sorted((set(ins.src_ranks) | set(ins.dst_ranks)) - {self.rank})
+            silent = (
+                f"no answer from rank(s) {peers} within runtime.timeout_s="
+                f"{self.runtime.timeout_s:g} s ({type(err).__name__}: {err})"
+            )
+            self._stop(where, err, silent)
+        self._stop(where, err)
+
+    def _stop(self, where: str, err: Exception, silent: str | None = None) -> None:
+        """Report why this rank stops (or which other rank's failure stopped it), publish it
+        to the other ranks, and end the process; torchrun then stops the others."""
         elsewhere = self.ctx.failure_elsewhere()
         if elsewhere is not None and not elsewhere.startswith(f"{self.rank}\n"):
             other, _, text = elsewhere.partition("\n")
             message = f"flowgraph: rank {self.rank} stops because rank {other} failed:\n{text}"
-        elif ins.is_communication and _is_communication_failure(err):
-            peers = sorted((set(ins.src_ranks) | set(ins.dst_ranks)) - {self.rank})
-            message = (
-                f"flowgraph: {where}\n  no answer from rank(s) {peers} within "
-                f"runtime.timeout_s={self.runtime.timeout_s:g} s ({type(err).__name__}: {err})"
-            )
+        elif silent is not None:
+            message = f"flowgraph: {where}\n  {silent}"
         else:
             message = f"flowgraph: {where}\n{format_exception(err)}"
         self.ctx.report_failure(message)
