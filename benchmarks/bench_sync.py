@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
@@ -24,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import report, spawn_two  # noqa: E402
+from common import finish_worker, report, spawn_two  # noqa: E402
 
 from flowgraph import TorchModule  # noqa: E402
 from flowgraph.runtime.sync import CrossSync, SyncPlan  # noqa: E402
@@ -77,12 +76,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         flat = torch.empty(params * 4, dtype=torch.uint8)
         results[f"{label} raw"] = _timed(lambda f=flat: dist.broadcast(f, src=0, group=group))
         del src, dst, flat
-    if rank == 1:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    finish_worker(rank, out, results)
 
 
 def _peak_rss_bytes() -> int:

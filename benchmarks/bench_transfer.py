@@ -6,7 +6,6 @@ the same tensors, between two gloo processes (target >= 0.9x).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -17,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import report, spawn_two  # noqa: E402
+from common import finish_worker, report, spawn_two  # noqa: E402
 
 from flowgraph.runtime.transport import Outbox, recv_batch  # noqa: E402
 
@@ -69,12 +68,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             "raw_s": statistics.median(raw_times[1:]),
             "flowgraph_s": statistics.median(flowgraph_times[1:]),
         }
-    if rank == 1:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    finish_worker(rank, out, results)
 
 
 def main() -> list[dict]:

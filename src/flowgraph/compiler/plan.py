@@ -109,29 +109,19 @@ class Instruction:
             return cls(op, phase, target, step=int(step))
         if op in ("SEND", "RECV", "GATHER"):
             mb, target, route = re.fullmatch(r"mb(\d+) (\S+) (\S+)", rest).groups()
-            src, dst = route.split("->")
-            return cls(
-                op,
-                phase,
-                target,
-                mb=int(mb),
-                src_ranks=parse_ranks(src),
-                dst_ranks=parse_ranks(dst),
-            )
+            return cls(op, phase, target, mb=int(mb), **_route(route))
         if op == "BCAST":
             target, bucket, route = re.fullmatch(r"(\S+) bucket(\d+) (\S+)", rest).groups()
-            src, dst = route.split("->")
-            return cls(
-                op,
-                phase,
-                target,
-                bucket=int(bucket),
-                src_ranks=parse_ranks(src),
-                dst_ranks=parse_ranks(dst),
-            )
+            return cls(op, phase, target, bucket=int(bucket), **_route(route))
         if not rest or " " in rest:
             raise ValueError(rest)
         return cls(op, phase, rest)
+
+
+def _route(text: str) -> dict[str, tuple[int, ...]]:
+    """``'r0-r3->r4'`` -> ``{"src_ranks": (0, 1, 2, 3), "dst_ranks": (4,)}``."""
+    src, dst = text.split("->")
+    return {"src_ranks": parse_ranks(src), "dst_ranks": parse_ranks(dst)}
 
 
 @dataclass
