@@ -40,7 +40,7 @@ from flowgraph.module import BaseModule
 from flowgraph.runtime.backends import check_zero3_meshes, effective_backend
 from flowgraph.runtime.executor import SpmdRunner
 from flowgraph.runtime.launch import DistContext
-from flowgraph.runtime.local import EvalJob, LocalJob, LocalRunner
+from flowgraph.runtime.local import EvalJob, Job, LocalRunner
 from flowgraph.runtime.telemetry import EpisodeRecord
 from flowgraph.runtime.transport import all_gather_objects
 
@@ -320,7 +320,7 @@ class Engine:
             effective_backend(module, config.model(module.name))
             module.config = config
             module.trainable = module.name in trainable
-        job = LocalJob(
+        job = Job(
             config=config,
             modules=self.modules,
             dataset=Dataset(self.samples, seed=config.runtime.seed),
@@ -334,7 +334,7 @@ class Engine:
             return LocalRunner(job).run()
         return self._learn_spmd(job, config, ctx)
 
-    def _learn_spmd(self, job: LocalJob, config: Config, ctx: DistContext) -> list[EpisodeRecord]:
+    def _learn_spmd(self, job: Job, config: Config, ctx: DistContext) -> list[EpisodeRecord]:
         """Under torchrun: every rank compiles the plan, checks it against rank 0's, and
         runs its own stream. Rank 0 returns the episode records; other ranks return []."""
         ctx.init(config.runtime.timeout_s)

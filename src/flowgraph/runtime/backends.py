@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import socket
 
-import torch
 import torch.distributed as dist
 
 from flowgraph.config import ModelConfig, RuntimeConfig
@@ -129,17 +128,6 @@ def _deepspeed(module: DeepSpeedModule, group: object | None, mesh_size: int,
         dist_init_required=False,
     )
     module.engine, module.model, module.optimizer = engine, engine, optimizer
-
-
-def zero_stage(module: BaseModule) -> int:
-    """The ZeRO stage a prepared module trains with (0 without DeepSpeed)."""
-    engine = getattr(module, "engine", None)
-    return int(engine.zero_optimization_stage()) if engine is not None else 0
-
-
-def is_partitioned(tensor: torch.Tensor) -> bool:
-    """Whether a parameter is a ZeRO-3 shard (its full shape is ``ds_shape``)."""
-    return hasattr(tensor, "ds_shape")
 
 
 def check_zero3_meshes(modules: dict, plan: object, config: object) -> None:

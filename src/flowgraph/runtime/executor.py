@@ -33,7 +33,7 @@ from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
 from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.launch import DistContext, format_exception
-from flowgraph.runtime.local import LocalJob
+from flowgraph.runtime.local import Job
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import CrossSync, SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
@@ -61,9 +61,9 @@ class _Phase:
 
 
 class SpmdRunner:
-    """Runs a ``LocalJob`` on this rank of a torchrun job, following ``plan``."""
+    """Runs a ``Job`` on this rank of a torchrun job, following ``plan``."""
 
-    def __init__(self, job: LocalJob, plan: Plan, ctx: DistContext) -> None:
+    def __init__(self, job: Job, plan: Plan, ctx: DistContext) -> None:
         self.job, self.plan, self.ctx = job, plan, ctx
         self.runtime = job.config.runtime
         self.rank = ctx.rank
@@ -298,10 +298,7 @@ class SpmdRunner:
             all_gather_objects(mine, group)
 
     def _op_train(self, ins: Instruction) -> None:
-        graph = self.phases["train"].graph
-        node = self._node(ins, f"{ins.target}.{TRAIN_METHOD}", ins.step)
-        assert node.method == TRAIN_METHOD and graph is not None
-        self._train_node(node, ins.step)
+        self._train_node(self._node(ins, f"{ins.target}.{TRAIN_METHOD}", ins.step), ins.step)
 
     def _train_node(self, node: Node, step_index: int) -> None:
         phase = self.phases["train"]

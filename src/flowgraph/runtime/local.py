@@ -35,8 +35,9 @@ class EvalJob:
 
 
 @dataclass
-class LocalJob:
-    """Everything one process needs to run ``learn()``."""
+class Job:
+    """What a runner needs for ``learn()``: config, modules, data, graphs, syncs (the
+    one-process runner and the per-rank SPMD runner both take one)."""
 
     config: Config
     modules: Mapping[str, BaseModule]
@@ -49,9 +50,9 @@ class LocalJob:
 
 
 class LocalRunner:
-    """Runs a ``LocalJob`` episode by episode; ``run()`` returns the episode records."""
+    """Runs a ``Job`` episode by episode; ``run()`` returns the episode records."""
 
-    def __init__(self, job: LocalJob) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
         self.runtime = job.config.runtime
         self.env = GraphRunner(job.env, job.modules, "env") if job.env else None
