@@ -211,12 +211,10 @@ def test_two_engines_with_the_same_module_names_in_one_process():
 
 
 def test_settings_without_effect_yet_are_reported(caplog):
-    flowgraph.init({"runtime": {**RUNTIME, "save_episode_interval": 1},
-                    "models": {"policy": {"offload": True}}})  # fmt: skip
+    flowgraph.init({"runtime": {**RUNTIME, "save_episode_interval": 1}})
     engine, _ = rlhf_engine()
     engine.learn()
     assert "runtime.save_episode_interval (checkpointing) is set but has no effect" in caplog.text
-    assert "models.policy.offload (offloading between stages) is set but has no" in caplog.text
 
 
 def test_deepspeed_backend_needs_a_deepspeed_module():

@@ -28,6 +28,9 @@ def explicit(groups, sizes):
 
 
 COLOCATED_2 = explicit([MODELS], dict.fromkeys(MODELS, 2))
+OFFLOAD_2 = explicit([MODELS], dict.fromkeys(MODELS, 2))
+for _model in ("policy", "ppo_policy", "value", "ppo_value"):
+    OFFLOAD_2["models"][_model]["offload"] = True
 SPLIT_4 = explicit(
     [["policy", "reference"], ["value", "reward", "ppo_policy", "ppo_value"]],
     dict.fromkeys(MODELS, 2),
@@ -47,8 +50,8 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize(("nproc", "config"), [(2, COLOCATED_2), (4, SPLIT_4)],
-                         ids=["2-colocated", "4-split"])  # fmt: skip
+@pytest.mark.parametrize(("nproc", "config"), [(2, COLOCATED_2), (2, OFFLOAD_2), (4, SPLIT_4)],
+                         ids=["2-colocated", "2-offload", "4-split"])  # fmt: skip
 def test_same_weights_and_metrics_as_one_process(single, tmp_path, nproc, config):
     result = run_job(tmp_path, config, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,6 +70,8 @@ def test_same_weights_and_metrics_as_one_process(single, tmp_path, nproc, config
         assert set(a["metrics"]) == set(b["metrics"])
         for key, value in a["metrics"].items():
             assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    offloading = any(m.get("offload") for m in config["models"].values())
+    assert all(("env/offload" in r["stages"]) is offloading for r in many[1:])
 
 
 def with_failure(**args):

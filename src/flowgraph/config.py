@@ -293,7 +293,6 @@ PENDING = {
     "runtime.save_episode_interval": "checkpointing",
     "runtime.checkpoint_dir": "checkpointing",
     "runtime.max_checkpoints": "checkpointing",
-    "models.offload": "offloading between stages",
 }
 
 

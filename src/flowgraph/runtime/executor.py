@@ -34,6 +34,7 @@ from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, tra
 from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.launch import DistContext, format_exception
 from flowgraph.runtime.local import Job
+from flowgraph.runtime.offload import Offload
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import CrossSync, SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
@@ -89,6 +90,8 @@ class SpmdRunner:
         self.episode = 0
         self.local_syncs: dict[tuple[str, str], SyncPlan] = {}
         self.cross_syncs: dict[tuple[str, str], CrossSync] = {}
+        self.offloads: dict[str, Offload] = {}
+        self.timer = StageTimer()
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -111,6 +114,8 @@ class SpmdRunner:
             ranks = self.mesh[name]
             group = self.ctx.group(ranks) if len(ranks) > 1 else None
             prepare(module, group, len(ranks), self.runtime)
+        if self.job.config.model(name).offload:
+            self.offloads[name] = Offload(module)
 
     def _setup_syncs(self) -> None:
         for src, dst in self.job.syncs:
@@ -221,8 +226,13 @@ class SpmdRunner:
                 self._fail(ins, err)
 
     def _sync_due(self, ins: Instruction, episode: int) -> bool:
-        dst = ins.target.split("->")[1]
-        return episode % self.job.config.model(dst).sync_frequency == 0
+        """A SYNC/BCAST runs when its destination's ``sync_frequency`` divides the episode;
+        a LOAD/FREE of the sync phase when any sync of its model does."""
+        if ins.op in ("LOAD", "FREE"):
+            pairs = [(s.name, d.name) for s, d in self.job.syncs if ins.model in (s.name, d.name)]
+        else:
+            pairs = [tuple(ins.target.split("->"))]
+        return any(episode % self.job.config.model(dst).sync_frequency == 0 for _, dst in pairs)
 
     # -- instructions --------------------------------------------------------------------
     def _execute(self, ins: Instruction) -> None:
@@ -336,9 +346,12 @@ class SpmdRunner:
             sync.validate(self.ctx.group(members))
 
     def _op_free(self, ins: Instruction) -> None:
-        """Offload lands with the offload feature; until then weights stay put."""
+        with self.timer.stage(f"{ins.phase}/offload"):
+            self.offloads[ins.model].free()
 
-    _op_load = _op_free
+    def _op_load(self, ins: Instruction) -> None:
+        with self.timer.stage(f"{ins.phase}/offload"):
+            self.offloads[ins.model].load()
 
     # -- records and failures ------------------------------------------------------------
     def _finish(self, record: EpisodeRecord) -> None:
@@ -363,6 +376,8 @@ class SpmdRunner:
             self.job.log(str(record))
 
     def _teardown(self) -> None:
+        for offload in self.offloads.values():
+            offload.load()  # the user's modules are whole again after learn()
         for name in self.hosted:
             module = self.job.modules[name]
             network = getattr(module, "model", None)

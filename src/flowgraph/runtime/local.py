@@ -4,12 +4,14 @@ Per episode: draw ``sample_per_episode`` samples, stream micro-batches of
 ``generation_batch_size`` through the env graph, train on the resulting
 ``StreamDataset`` for ``num_training_epoch`` passes of global steps, sync parameters
 into the inference copies whose ``sync_frequency`` divides the episode number, evaluate
-when ``eval_episode_interval`` divides it, then log one line.
+when ``eval_episode_interval`` divides it, then log one line. Models with ``offload: true``
+are in device memory only during the phases that use them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ from flowgraph.module import BaseModule
 from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
 from flowgraph.runtime.graph_runner import GraphRunner
+from flowgraph.runtime.offload import Offload
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
@@ -61,6 +64,11 @@ class LocalRunner:
         self.metrics_log = MetricsLog(self.runtime.log_dir)
         self.sync_plans: list[SyncPlan] = []
         self.history: list[EpisodeRecord] = []
+        self.offloads = {
+            name: Offload(module)
+            for name, module in job.modules.items()
+            if job.config.model(name).offload
+        }
 
     def run(self) -> list[EpisodeRecord]:
         for module in self.job.modules.values():
@@ -78,6 +86,8 @@ class LocalRunner:
             self._finish(record)
         for episode in range(1, self.runtime.num_episode + 1):
             self._finish(self.run_episode(episode))
+        for offload in self.offloads.values():
+            offload.load()
         return self.history
 
     def run_episode(self, episode: int) -> EpisodeRecord:
@@ -85,14 +95,16 @@ class LocalRunner:
         timer = StageTimer()
         inputs = env_micro_batches(self.job.dataset, self.runtime, episode)
         record.samples = sum(batch_size(mb) for mb in inputs)
-        with timer.stage("env"):
+        env_models = self.job.env.models() if self.job.env else ()
+        with timer.stage("env"), self._resident(env_models, timer, "env"):
             outputs = self._run_env(inputs, episode, timer)
         if self.trainer is not None:
-            with timer.stage("train"):
+            with timer.stage("train"), self._resident(self.job.trainer.models(), timer, "train"):
                 self._train(outputs, episode, timer, record)
         due = [p for p in self.sync_plans if episode % self._sync_frequency(p) == 0]
         if due:
-            with timer.stage("sync"):
+            synced = [name for p in due for name in (p.src, p.dst)]
+            with timer.stage("sync"), self._resident(synced, timer, "sync"):
                 for plan in due:
                     plan.apply()
                     if self.runtime.validate_sync:
@@ -123,7 +135,7 @@ class LocalRunner:
     def _evaluate(self, record: EpisodeRecord) -> None:
         job = self.job.eval
         timer = StageTimer()
-        with timer.stage("eval"):
+        with timer.stage("eval"), self._resident(job.graph.models(), timer, "eval"):
             results = [
                 self.evaluator.run_inference(mb, timer, (self.runtime.seed, record.episode, k))
                 for k, mb in enumerate(eval_micro_batches(job.dataset, self.runtime))
@@ -131,6 +143,21 @@ class LocalRunner:
             metrics = job.post_process([r for r in results if r is not None])
         record.stages.update(timer.seconds)
         record.metrics.update({f"eval/{k}": v for k, v in (metrics or {}).items()})
+
+    @contextmanager
+    def _resident(self, models: Iterable[str], timer: StageTimer, phase: str) -> Iterator[None]:
+        """Offloaded ``models`` in device memory for the block, freed after it."""
+        offloads = [self.offloads[m] for m in dict.fromkeys(models) if m in self.offloads]
+        if not offloads:
+            yield
+            return
+        with timer.stage(f"{phase}/offload"):
+            for offload in offloads:
+                offload.load()
+        yield
+        with timer.stage(f"{phase}/offload"):
+            for offload in offloads:
+                offload.free()
 
     def _sync_frequency(self, plan: SyncPlan) -> int:
         return self.job.config.model(plan.dst).sync_frequency
