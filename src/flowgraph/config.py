@@ -84,6 +84,7 @@ class RuntimeConfig(BaseModel):
         256, ge=1, description="Size of the buckets that parameter sync broadcasts across meshes."
     )
     log_episodes: bool = Field(True, description="Print one line per episode.")
+    progress: bool = Field(True, description="Show a progress bar of the episodes (rank 0).")
 
     @model_validator(mode="after")
     def _batch_sizes_agree(self) -> RuntimeConfig:

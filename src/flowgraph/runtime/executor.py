@@ -37,7 +37,7 @@ from flowgraph.runtime.local import Job
 from flowgraph.runtime.offload import Offload
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import CrossSync, SyncPlan
-from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
+from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, Reporter, StageTimer
 from flowgraph.runtime.transport import Outbox, all_gather_objects, recv_batch
 
 
@@ -85,7 +85,7 @@ class SpmdRunner:
         self.tags = _transfer_tags(plan)
         self.runs = _coalesce_gathers(self.stream.instructions if self.stream else [])
         self.outbox = Outbox(ctx.device)
-        self.metrics_log = MetricsLog(self.runtime.log_dir if self.rank == 0 else None)
+        self.reporter = Reporter(self.runtime, job.log, enabled=self.rank == 0)
         self.history: list[EpisodeRecord] = []
         self.episode = 0
         self.local_syncs: dict[tuple[str, str], SyncPlan] = {}
@@ -166,6 +166,7 @@ class SpmdRunner:
         for episode in range(1, self.runtime.num_episode + 1):
             self._finish(self._episode(episode))
         self._teardown()
+        self.reporter.close()
         return self.history
 
     def _episode(self, episode: int, phases: tuple[str, ...] = ("env", "train", "sync", "eval")):
@@ -371,9 +372,7 @@ class SpmdRunner:
         record.stages = stages
         record.metrics.update({k: sum(v) / len(v) for k, v in sums.items()})
         self.history.append(record)
-        self.metrics_log.write(record)
-        if self.runtime.log_episodes:
-            self.job.log(str(record))
+        self.reporter.report(record)
 
     def _teardown(self) -> None:
         for offload in self.offloads.values():

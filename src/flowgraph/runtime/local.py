@@ -25,7 +25,7 @@ from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.offload import Offload
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import SyncPlan
-from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, MetricsLog, StageTimer
+from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, Reporter, StageTimer
 
 
 @dataclass
@@ -61,7 +61,7 @@ class LocalRunner:
         self.env = GraphRunner(job.env, job.modules, "env") if job.env else None
         self.trainer = GraphRunner(job.trainer, job.modules, "train") if job.trainer else None
         self.evaluator = GraphRunner(job.eval.graph, job.modules, "eval") if job.eval else None
-        self.metrics_log = MetricsLog(self.runtime.log_dir)
+        self.reporter = Reporter(self.runtime, job.log)
         self.sync_plans: list[SyncPlan] = []
         self.history: list[EpisodeRecord] = []
         self.offloads = {
@@ -88,6 +88,7 @@ class LocalRunner:
             self._finish(self.run_episode(episode))
         for offload in self.offloads.values():
             offload.load()
+        self.reporter.close()
         return self.history
 
     def run_episode(self, episode: int) -> EpisodeRecord:
@@ -167,6 +168,4 @@ class LocalRunner:
 
     def _finish(self, record: EpisodeRecord) -> None:
         self.history.append(record)
-        self.metrics_log.write(record)
-        if self.runtime.log_episodes:
-            self.job.log(str(record))
+        self.reporter.report(record)

@@ -12,6 +12,8 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -19,6 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
+
+from flowgraph.config import RuntimeConfig
+
+logger = logging.getLogger("flowgraph")
 
 
 class StageTimer:
@@ -117,15 +125,57 @@ class EpisodeRecord:
 
 
 class MetricsLog:
-    """Appends one JSON object per episode to ``log_dir/metrics.jsonl`` (when a dir is set)."""
+    """One JSON object per episode in ``log_dir/metrics.jsonl`` (when a dir is set), which
+    each run starts afresh."""
 
     def __init__(self, log_dir: str | None) -> None:
         self.path = Path(log_dir) / "metrics.jsonl" if log_dir else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")  # a new run starts a new file
 
     def write(self, record: EpisodeRecord) -> None:
         if self.path is None:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
+
+
+class Reporter:
+    """Where finished episodes go on rank 0: ``metrics.jsonl``, the episode line, a
+    progress bar (``runtime.progress``), and at the end a plot ``metrics.png`` of the
+    reward, KL and loss curves beside the JSONL file (when matplotlib is installed)."""
+
+    def __init__(self, runtime: RuntimeConfig, log: Any, enabled: bool = True) -> None:
+        self.metrics_log = MetricsLog(runtime.log_dir if enabled else None)
+        self.log = log if enabled and runtime.log_episodes else None
+        self.bar = tqdm(
+            total=runtime.num_episode,
+            unit="episode",
+            desc="learn",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (enabled and runtime.progress),
+        )
+
+    def report(self, record: EpisodeRecord) -> None:
+        self.metrics_log.write(record)
+        if self.log is not None:
+            with tqdm.external_write_mode(file=sys.stderr):
+                self.log(str(record))
+        if record.episode > 0:
+            self.bar.update(1)
+            if record.seconds > 0:
+                self.bar.set_postfix_str(f"{record.samples / record.seconds:.0f} samples/s")
+
+    def close(self) -> None:
+        self.bar.close()
+        path = self.metrics_log.path
+        if path is None or not path.exists():
+            return
+        try:
+            from flowgraph.plot import plot_metrics
+
+            plot_metrics(path, path.with_suffix(".png"))
+        except ImportError:
+            logger.info("flowgraph: matplotlib is not installed; no plot of %s", path)

@@ -1,0 +1,60 @@
+"""GRPO pieces: group-relative advantages and the clipped loss with a KL term.
+
+A group is the ``num_generations`` consecutive rows sampled for one prompt. No value model:
+a response's advantage is its reward against the others of its group.
+
+Example::
+
+    >>> import torch
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), num_generations=2)
+    tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowgraph.rl.ppo import kl_penalty, masked_mean
+
+
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """``(r - mean of its group) / (std of its group + eps)`` for rewards ``[B]`` whose
+    consecutive ``num_generations`` rows are one prompt's samples (``scale=False``: no
+    division, as Dr. GRPO recommends)."""
+    if rewards.numel() % num_generations:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not form groups of num_generations="
+            f"{num_generations}; keep each prompt's samples together in one micro-batch"
+        )
+    groups = rewards.view(-1, num_generations)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    beta: float = 0.04,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per token: clipped surrogate with the row's advantage ``[B]`` plus ``beta`` times the
+    k3 estimate of KL(policy || reference); averaged over each row's tokens, then rows."""
+    ratio = (logprobs - old_logprobs).exp()
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    kl = kl_penalty(logprobs, ref_logprobs, "k3")
+    per_token = -surrogate + beta * kl
+    loss = masked_mean(per_token, mask, dim=1).mean()
+    with torch.no_grad():
+        stats = {
+            "kl": masked_mean(kl, mask).item(),
+            "clip_frac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
+        }
+    return loss, stats

@@ -1,0 +1,332 @@
+"""Ready PPO/GRPO modules over ``TinyGPT``: use them as they are, or read them as
+examples of ``TorchModule``s (each is a ``setup()`` and one step method).
+
+Every setting comes from the model's own ``args`` (``models.<name>.args`` in the config);
+models that must agree (policy, reference and policy trainer; value and value trainer)
+share them through a YAML anchor, as ``examples/ppo.yaml`` does:
+
+==================  ==========================================================  =========
+arg                 meaning                                                     default
+==================  ==========================================================  =========
+``alphabet``        characters of the ``CharTokenizer``                         digits
+``n_layer`` ...     ``GPTConfig`` fields (vocab_size, n_layer, n_head, n_embd,   GPTConfig
+                    max_seq_len); vocab_size is at least the tokenizer's
+``init_seed``       seed of the initial weights (equal seeds: equal weights)    0
+``temperature``     sampling temperature (``top_k``, ``top_p`` too)             1.0
+``num_generations`` samples per prompt (GRPO groups)                            1
+``task``            rule reward of ``RewardInference`` (``flowgraph.rl.tasks``)  count_up
+``kl_coef``         KL penalty per token in the PPO reward                      0.05
+``gamma``/``lam``   GAE discount and lambda                                     1.0/0.95
+``lr``              AdamW learning rate of a trainer                            1e-3
+``clip``            PPO/GRPO ratio clip (value clip for the value trainer)      0.2
+``entropy_coef``    entropy bonus of the PPO policy trainer                     0.0
+``beta``            GRPO's KL coefficient                                       0.04
+``max_grad_norm``   gradient clipping of a trainer                              1.0
+==================  ==========================================================  =========
+
+Prompts are left-padded to ``runtime.prompt_length`` tokens and responses sampled up to
+``runtime.response_length``, so every micro-batch has the same shape.
+
+Batch keys: ``prompt`` (text) in; the policy adds ``sequences``, ``attention_mask``,
+``response_mask``, ``old_logprobs``, ``answer`` (text); the reference ``ref_logprobs``;
+the value model ``old_values``; the reward ``score``, ``kl``, ``advantages`` (and
+``returns`` for PPO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from flowgraph.module import TorchModule
+from flowgraph.rl.gpt import GPTConfig, TinyGPT, ValueGPT
+from flowgraph.rl.grpo import group_advantages, grpo_loss
+from flowgraph.rl.ppo import (
+    entropy,
+    gae,
+    kl_penalty,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
+from flowgraph.rl.sampling import generate, token_logprobs
+from flowgraph.rl.tasks import reward_function
+from flowgraph.rl.tokenizer import DIGITS, CharTokenizer
+
+
+class GPTModule(TorchModule):
+    """Common ground of the ready modules: settings, tokenizer and network from ``args``."""
+
+    network = TinyGPT
+
+    def arg(self, key: str, default: Any) -> Any:
+        return self.model_config.args.get(key, default)
+
+    @property
+    def tokenizer(self) -> CharTokenizer:
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = CharTokenizer(self.arg("alphabet", DIGITS))
+        return self._tokenizer
+
+    def gpt_config(self) -> GPTConfig:
+        runtime = self.runtime_config
+        return GPTConfig.from_args(
+            self.model_config.args,
+            vocab_size=self.tokenizer.vocab_size,
+            max_seq_len=runtime.prompt_length + runtime.response_length,
+        )
+
+    def setup(self) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(self.arg("init_seed", 0))
+            self.model = self.network(self.gpt_config())
+        if self.trainable:
+            self.optimizer = torch.optim.AdamW(
+                self.model.parameters(), lr=float(self.arg("lr", 1e-3)), weight_decay=0.0
+            )
+
+    def step_optimizer(self) -> float:
+        """Clip gradients, step, clear them; returns the gradient norm."""
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), float(self.arg("max_grad_norm", 1.0))
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def accumulate(self, micro_batches: list[dict]):
+        """``(micro_batch, weight, no_sync)`` for gradient accumulation: each micro-batch's
+        loss is weighted by its share of the rows; DDP all-reduces only on the last."""
+        total = sum(len(mb["sequences"]) for mb in micro_batches)
+        no_sync = getattr(self.model, "no_sync", contextlib.nullcontext)
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            yield mb, len(mb["sequences"]) / total, contextlib.nullcontext() if last else no_sync()
+
+
+def prompt_length(batch: dict) -> int:
+    return batch["sequences"].shape[1] - batch["response_mask"].shape[1]
+
+
+def _repeat(data: dict, times: int) -> dict:
+    """Every row of ``data`` ``times`` times in a row (a prompt's GRPO group)."""
+    if times == 1:
+        return dict(data)
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.repeat_interleave(times, dim=0)
+        else:
+            out[key] = [row for row in value for _ in range(times)]
+    return out
+
+
+class PolicyInference(GPTModule):
+    """Samples answers to ``prompt``: ``forward_step`` at the configured temperature
+    (``num_generations`` per prompt), ``eval_step`` greedily."""
+
+    @torch.no_grad()
+    def forward_step(self, data: dict) -> dict:
+        data = _repeat(data, int(self.arg("num_generations", 1)))
+        return self._answer(data, float(self.arg("temperature", 1.0)))
+
+    @torch.no_grad()
+    def eval_step(self, data: dict) -> dict:
+        return self._answer(dict(data), float(self.arg("eval_temperature", 0.0)))
+
+    def _answer(self, data: dict, temperature: float) -> dict:
+        runtime = self.runtime_config
+        ids, mask = self.tokenizer.batch(data["prompt"], side="left")
+        if ids.shape[1] > runtime.prompt_length:
+            raise ValueError(
+                f"a prompt of {ids.shape[1]} tokens is longer than runtime.prompt_length="
+                f"{runtime.prompt_length}; raise runtime.prompt_length"
+            )
+        out = generate(
+            self.model,
+            ids,
+            mask,
+            max_new_tokens=runtime.response_length,
+            temperature=temperature,
+            top_k=int(self.arg("top_k", 0)),
+            top_p=float(self.arg("top_p", 1.0)),
+            stop_tokens=[self.tokenizer.eos_id],
+            pad_id=self.tokenizer.pad_id,
+            prompt_width=runtime.prompt_length,
+        )
+        logits = self.model(out.sequences, out.attention_mask)
+        return {
+            **data,
+            "sequences": out.sequences,
+            "attention_mask": out.attention_mask,
+            "response_mask": out.response_mask,
+            "old_logprobs": token_logprobs(logits, out.sequences, out.prompt_length),
+            "answer": [self.tokenizer.decode(row) for row in out.responses],
+        }
+
+
+class PolicyReference(GPTModule):
+    """The frozen initial policy: log-probs of the sampled answers (``ref_logprobs``)."""
+
+    @torch.no_grad()
+    def forward_step(self, data: dict) -> dict:
+        logits = self.model(data["sequences"], data["attention_mask"])
+        logprobs = token_logprobs(logits, data["sequences"], prompt_length(data))
+        return {**data, "ref_logprobs": logprobs}
+
+
+class ValueInference(GPTModule):
+    """The critic: the value of the state before every answer token (``old_values``)."""
+
+    network = ValueGPT
+
+    @torch.no_grad()
+    def forward_step(self, data: dict) -> dict:
+        values = self.model(data["sequences"], data["attention_mask"])
+        p = prompt_length(data)
+        return {**data, "old_values": values[:, p - 1 : -1]}
+
+
+class RewardInference(GPTModule):
+    """Scores answers with a rule (``args.task``) and turns the scores into advantages:
+    with a value model's ``old_values`` in the batch, PPO's KL-shaped token rewards and
+    GAE; without, GRPO's group-relative advantages over ``num_generations`` rows."""
+
+    def setup(self) -> None:
+        self.rule = reward_function(self.arg("task", "count_up"))
+
+    def score(self, data: dict) -> torch.Tensor:
+        length = self.runtime_config.response_length
+        length = int(self.arg("score_length", length))
+        pairs = zip(data["prompt"], data["answer"], strict=True)
+        return torch.tensor([self.rule(prompt, answer, length) for prompt, answer in pairs])
+
+    @torch.no_grad()
+    def forward_step(self, *inputs: dict) -> dict:
+        data = {k: v for batch in inputs for k, v in batch.items()}
+        score = self.score(data)
+        mask = data["response_mask"]
+        kl = kl_penalty(data["old_logprobs"], data["ref_logprobs"]) * mask
+        out = {**data, "score": score, "kl": kl.sum(1)}
+        if "old_values" in data:
+            rewards = token_rewards(score, kl, mask, float(self.arg("kl_coef", 0.05)))
+            gamma, lam = float(self.arg("gamma", 1.0)), float(self.arg("lam", 0.95))
+            out["advantages"], out["returns"] = gae(rewards, data["old_values"], mask, gamma, lam)
+        else:
+            groups = int(self.arg("num_generations", 1))
+            out["advantages"] = group_advantages(score, groups, bool(self.arg("scale", True)))
+        return out
+
+    @torch.no_grad()
+    def eval_step(self, data: dict) -> dict:
+        return {**data, "score": self.score(data)}
+
+
+class RewardModel(RewardInference):
+    """A learned reward model: a ``ValueGPT`` whose value at an answer's last token is its
+    score (trained elsewhere; load its weights in a subclass's ``setup``)."""
+
+    network = ValueGPT
+
+    def setup(self) -> None:
+        GPTModule.setup(self)
+
+    def score(self, data: dict) -> torch.Tensor:
+        values = self.model(data["sequences"], data["attention_mask"])
+        last = data["attention_mask"].cumsum(1).argmax(1)  # the last real token of each row
+        return values.gather(1, last[:, None]).squeeze(1)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+class PolicyTrainer(GPTModule):
+    """PPO policy update: clipped surrogate on whitened advantages, entropy bonus."""
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        mask_all = torch.cat([mb["response_mask"] for mb in micro_batches])
+        adv_all = masked_whiten(torch.cat([mb["advantages"] for mb in micro_batches]), mask_all)
+        stats, start = [], 0
+        for mb, weight, sync in self.accumulate(micro_batches):
+            rows = len(mb["sequences"])
+            advantages, start = adv_all[start : start + rows], start + rows
+            with sync:
+                logits = self.model(mb["sequences"], mb["attention_mask"])
+                p = prompt_length(mb)
+                logprobs = token_logprobs(logits, mb["sequences"], p)
+                loss, info = policy_loss(
+                    logprobs, mb["old_logprobs"], advantages, mb["response_mask"],
+                    float(self.arg("clip", 0.2)),
+                )  # fmt: skip
+                ent = entropy(logits[:, p - 1 : -1], mb["response_mask"])
+                ((loss - float(self.arg("entropy_coef", 0.0)) * ent) * weight).backward()
+            stats.append({**info, "loss": loss.item(), "entropy": ent.item()})
+        grad_norm = self.step_optimizer()
+        return {
+            **{k: _mean([s[k] for s in stats]) for k in stats[0]},
+            "grad_norm": grad_norm,
+            "reward": torch.cat([mb["score"] for mb in micro_batches]).mean().item(),
+            "kl": torch.cat([mb["kl"] for mb in micro_batches]).mean().item(),
+        }
+
+
+class ValueTrainer(GPTModule):
+    """PPO value update: clipped regression of the values onto the GAE returns."""
+
+    network = ValueGPT
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        losses = []
+        for mb, weight, sync in self.accumulate(micro_batches):
+            with sync:
+                values = self.model(mb["sequences"], mb["attention_mask"])
+                p = prompt_length(mb)
+                loss = value_loss(
+                    values[:, p - 1 : -1], mb["old_values"], mb["returns"], mb["response_mask"],
+                    float(self.arg("clip", 0.2)),
+                )  # fmt: skip
+                (loss * weight).backward()
+            losses.append(loss.item())
+        self.step_optimizer()
+        return {"loss": _mean(losses)}
+
+
+class GRPOTrainer(GPTModule):
+    """GRPO policy update: clipped surrogate with group advantages, KL to the reference."""
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        stats = []
+        for mb, weight, sync in self.accumulate(micro_batches):
+            with sync:
+                logits = self.model(mb["sequences"], mb["attention_mask"])
+                logprobs = token_logprobs(logits, mb["sequences"], prompt_length(mb))
+                loss, info = grpo_loss(
+                    logprobs, mb["old_logprobs"], mb["ref_logprobs"], mb["advantages"],
+                    mb["response_mask"], float(self.arg("clip", 0.2)),
+                    float(self.arg("beta", 0.04)),
+                )  # fmt: skip
+                (loss * weight).backward()
+            stats.append({**info, "loss": loss.item()})
+        grad_norm = self.step_optimizer()
+        return {
+            **{k: _mean([s[k] for s in stats]) for k in stats[0]},
+            "grad_norm": grad_norm,
+            "reward": torch.cat([mb["score"] for mb in micro_batches]).mean().item(),
+        }
+
+
+__all__ = [
+    "GPTModule",
+    "PolicyInference",
+    "PolicyReference",
+    "ValueInference",
+    "RewardInference",
+    "RewardModel",
+    "PolicyTrainer",
+    "ValueTrainer",
+    "GRPOTrainer",
+]

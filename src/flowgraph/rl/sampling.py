@@ -1,0 +1,146 @@
+"""Sampling from a ``TinyGPT`` (with or without its KV cache) and log-probs of given tokens.
+
+Prompts come as a padded batch (``input_ids``, ``attention_mask``), padded on either side;
+they are re-packed to the left so that every response starts in the same column. Each row
+stops at its first stop token; later positions hold ``pad_id`` and are 0 in the response
+mask. Greedy decoding (``temperature=0``) gives the same tokens with and without the
+cache.
+
+Example::
+
+    >>> import torch
+    >>> from flowgraph.rl.gpt import GPTConfig, TinyGPT
+    >>> torch.manual_seed(0) and None
+    >>> model = TinyGPT(GPTConfig(vocab_size=8, n_layer=1, n_head=1, n_embd=8, max_seq_len=16))
+    >>> ids, mask = torch.tensor([[1, 2, 3], [0, 4, 5]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    >>> out = generate(model, ids, mask, max_new_tokens=4, temperature=0.0)
+    >>> out.sequences.shape, out.response_mask.shape
+    (torch.Size([2, 7]), torch.Size([2, 4]))
+    >>> torch.equal(out.sequences, generate(model, ids, mask, 4, 0.0, use_cache=False).sequences)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flowgraph.rl.gpt import KVCache, TinyGPT
+
+
+@dataclass
+class Generation:
+    """Prompt and response of every row; the response starts at ``prompt_length``."""
+
+    sequences: torch.Tensor  # [B, P + R] left-padded prompt, then the response
+    attention_mask: torch.Tensor  # [B, P + R] 1 on real tokens (prompt and response)
+    response_mask: torch.Tensor  # [B, R] 1 up to and including the stop token
+    prompt_length: int
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+    def __str__(self) -> str:
+        lengths = self.response_mask.sum(1).tolist()
+        return f"Generation({len(lengths)} rows, prompt {self.prompt_length}, responses {lengths})"
+
+
+def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, width: int = 0):
+    """The same rows with their real tokens moved to the right end (left padding), as
+    wide as the longest row or ``width`` if that is more."""
+    lengths = attention_mask.sum(1)
+    width = max(width, int(lengths.max()) if len(lengths) else 0)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=input_ids.dtype)
+    mask = torch.zeros((len(input_ids), width), dtype=attention_mask.dtype)
+    for row in range(len(input_ids)):
+        tokens = input_ids[row][attention_mask[row].bool()]
+        if len(tokens):
+            ids[row, width - len(tokens) :] = tokens
+            mask[row, width - len(tokens) :] = 1
+    return ids.to(input_ids.device), mask.to(input_ids.device)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row from ``logits`` ``[B, V]``: greedy at temperature 0, else sampled
+    from the temperature-scaled distribution cut to the ``top_k`` tokens and to the
+    smallest set whose probability reaches ``top_p``."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: TinyGPT,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    prompt_width: int = 0,
+) -> Generation:
+    """Up to ``max_new_tokens`` tokens after every prompt row (see the module docstring);
+    prompts are left-padded to at least ``prompt_width`` columns."""
+    ids, mask = left_pad(input_ids, attention_mask, pad_id, prompt_width)
+    batch, prompt_length = ids.shape
+    stops = torch.tensor(list(stop_tokens), dtype=ids.dtype, device=ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    cache = KVCache(model.config, batch, prompt_length + max_new_tokens, model.lm_head.weight)
+    step_ids, step_mask = ids, mask
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits = model(step_ids, step_mask, cache)[:, -1]
+        else:
+            logits = model(ids, mask)[:, -1]
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        alive = (~finished).to(mask.dtype)
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, alive[:, None]], 1)
+        finished |= torch.isin(token, stops)
+        step_ids, step_mask = token[:, None], alive[:, None]
+        if bool(finished.all()):
+            break
+    response_mask = mask[:, prompt_length:]
+    pad = max_new_tokens - response_mask.shape[1]
+    if pad:  # every row stopped early: responses keep their full width
+        ids = F.pad(ids, (0, pad), value=pad_id)
+        mask = F.pad(mask, (0, pad), value=0)
+        response_mask = mask[:, prompt_length:]
+    return Generation(ids, mask, response_mask.float(), prompt_length)
+
+
+def token_logprobs(
+    logits: torch.Tensor, sequences: torch.Tensor, prompt_length: int
+) -> torch.Tensor:
+    """Log-probabilities ``[B, R]`` of the response tokens ``sequences[:, P:]`` under
+    ``logits`` ``[B, P + R, V]`` of the whole sequence (position t predicts token t+1)."""
+    predicting = logits[:, prompt_length - 1 : -1].float()
+    targets = sequences[:, prompt_length:]
+    return predicting.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
