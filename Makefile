@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) examples/rlhf_toy.py
+	$(PY) examples/ppo.py
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -54,7 +54,8 @@ def test_config_round_trips_through_its_text():
          ["train_global_batch_size (8) must be a multiple of train_micro_batch_size (3)"]),
         ({"runtime": {"sample_per_episode": 4, "train_global_batch_size": 8,
                       "train_micro_batch_size": 4}}, [],
-         ["train_global_batch_size (8) must not exceed sample_per_episode (4)"]),
+         ["train_global_batch_size (8) must not exceed the rows of an episode "
+          "(sample_per_episode 4 x num_inference_per_prompt 1)"]),
         ({"models": {"policy": {"num_gpu": 0}}}, [],
          ["models.policy.num_gpu: Input should be greater than or equal to 1 or Input "
           "should be 'auto' (got 0)"]),

@@ -57,3 +57,59 @@ def test_rlhf_toy_runs_under_torchrun_with_two_ranks():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [x for x in result.stdout.splitlines() if x.startswith("episode")]
     assert [line.split(" | ")[0] for line in lines] == ["episode 1/2", "episode 2/2"]
+
+
+QUIET = ["runtime.log_episodes=false", "runtime.progress=false"]
+
+
+def train_rewards(records, key):
+    return [r.metrics[key] for r in records if key in r.metrics]
+
+
+def test_ppo_example_learns_the_counting_task(tmp_path):
+    ppo = load_example("ppo")
+    records = ppo.main([*QUIET, "runtime.num_episode=30", f"runtime.log_dir={tmp_path}"])
+    rewards = train_rewards(records, "ppo_policy/reward")
+    # A random model counts right about one time in 20; 30 episodes take it past one half.
+    assert rewards[0] < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 31  # with the eval at 0
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
+
+
+def test_grpo_example_learns_the_counting_task(tmp_path):
+    grpo = load_example("grpo")
+    records = grpo.main([*QUIET, "runtime.num_episode=20", f"runtime.log_dir={tmp_path}"])
+    rewards = train_rewards(records, "grpo_policy/reward")
+    assert rewards[0] < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
+
+
+def test_rl_runs_are_deterministic(tmp_path):
+    ppo = load_example("ppo")
+    args = [*QUIET, "runtime.num_episode=3", f"runtime.log_dir={tmp_path}"]
+    first = [r.metrics for r in ppo.main(args)]
+    assert [r.metrics for r in ppo.main(args)] == first
+
+
+def test_custom_engine_example_distils_the_teacher(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "custom_engine.py"), *QUIET,
+         f"runtime.log_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    score = float(result.stdout.split("on 64 new prompts: ")[1])
+    assert score > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["ppo", "grpo", "custom_engine"])
+def test_rl_examples_run_under_torchrun_with_two_ranks(tmp_path, example):
+    script = str(EXAMPLES / f"{example}.py")
+    settings = ["runtime.num_episode=2", "runtime.progress=false", f"runtime.log_dir={tmp_path}"]
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", script, *settings]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                            env=job_env(), check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [x for x in result.stdout.splitlines() if x.startswith("episode")]
+    assert [line.split(" | ")[0] for line in lines] == ["episode 1/2", "episode 2/2"]
+    assert (tmp_path / "metrics.jsonl").exists()

@@ -39,6 +39,12 @@ class RuntimeConfig(BaseModel):
     generation_batch_size: int = Field(
         8, ge=1, description="Micro-batch size of env and eval flows."
     )
+    num_inference_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Rows the env flow makes of each prompt (GRPO's group size); training "
+        "sees sample_per_episode x this many rows per episode.",
+    )
     train_micro_batch_size: int = Field(
         8, ge=1, description="Samples per training micro-batch (per data-parallel rank)."
     )
@@ -46,7 +52,7 @@ class RuntimeConfig(BaseModel):
         None,
         ge=1,
         description="Samples per optimizer step, summed over micro-batches and ranks; "
-        "default: sample_per_episode.",
+        "default: every row of the episode.",
     )
     num_training_epoch: int = Field(1, ge=1, description="Passes over each episode's data.")
     eval_episode_interval: int = Field(
@@ -98,17 +104,23 @@ class RuntimeConfig(BaseModel):
                 f"e.g. set train_global_batch_size="
                 f"{max(1, global_bs // self.train_micro_batch_size) * self.train_micro_batch_size}"
             )
-        if global_bs > self.sample_per_episode:
+        if global_bs > self.rows_per_episode:
             raise ValueError(
-                f"train_global_batch_size ({global_bs}) must not exceed sample_per_episode "
-                f"({self.sample_per_episode}): an episode would not fill one optimizer step"
+                f"train_global_batch_size ({global_bs}) must not exceed the rows of an episode "
+                f"(sample_per_episode {self.sample_per_episode} x num_inference_per_prompt "
+                f"{self.num_inference_per_prompt}): an episode would not fill one optimizer step"
             )
         return self
 
     @property
+    def rows_per_episode(self) -> int:
+        """Training rows an episode produces: prompts times answers per prompt."""
+        return self.sample_per_episode * self.num_inference_per_prompt
+
+    @property
     def global_batch_size(self) -> int:
         """``train_global_batch_size`` with its default applied."""
-        return self.train_global_batch_size or self.sample_per_episode
+        return self.train_global_batch_size or self.rows_per_episode
 
 
 class ModelConfig(BaseModel):

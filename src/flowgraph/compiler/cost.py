@@ -101,6 +101,7 @@ class Workload:
     num_training_epoch: int
     prompt_length: int
     response_length: int
+    rows_per_sample: int = 1
 
     @property
     def tokens_per_sample(self) -> int:
@@ -108,7 +109,8 @@ class Workload:
 
     @property
     def train_steps(self) -> int:
-        return self.num_training_epoch * (self.sample_per_episode // self.train_global_batch_size)
+        rows = self.sample_per_episode * self.rows_per_sample
+        return self.num_training_epoch * (rows // self.train_global_batch_size)
 
 
 def bytes_per_param(cluster: ClusterSpec) -> int:

@@ -61,6 +61,7 @@ class CompileContext:
         r = self.config.runtime
         return cost.Workload(
             sample_per_episode=r.sample_per_episode,
+            rows_per_sample=r.num_inference_per_prompt,
             generation_batch_size=r.generation_batch_size,
             train_micro_batch_size=r.train_micro_batch_size,
             train_global_batch_size=r.global_batch_size,

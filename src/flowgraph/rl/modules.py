@@ -13,7 +13,6 @@ arg                 meaning                                                     
                     max_seq_len); vocab_size is at least the tokenizer's
 ``init_seed``       seed of the initial weights (equal seeds: equal weights)    0
 ``temperature``     sampling temperature (``top_k``, ``top_p`` too)             1.0
-``num_generations`` samples per prompt (GRPO groups)                            1
 ``task``            rule reward of ``RewardInference`` (``flowgraph.rl.tasks``)  count_up
 ``kl_coef``         KL penalty per token in the PPO reward                      0.05
 ``gamma``/``lam``   GAE discount and lambda                                     1.0/0.95
@@ -25,7 +24,8 @@ arg                 meaning                                                     
 ==================  ==========================================================  =========
 
 Prompts are left-padded to ``runtime.prompt_length`` tokens and responses sampled up to
-``runtime.response_length``, so every micro-batch has the same shape.
+``runtime.response_length``, so every micro-batch has the same shape. The policy answers
+each prompt ``runtime.num_inference_per_prompt`` times (GRPO's groups).
 
 Batch keys: ``prompt`` (text) in; the policy adds ``sequences``, ``attention_mask``,
 ``response_mask``, ``old_logprobs``, ``answer`` (text); the reference ``ref_logprobs``;
@@ -47,6 +47,7 @@ from flowgraph.rl.ppo import (
     entropy,
     gae,
     kl_penalty,
+    masked_mean,
     masked_whiten,
     policy_loss,
     token_rewards,
@@ -126,11 +127,11 @@ def _repeat(data: dict, times: int) -> dict:
 
 class PolicyInference(GPTModule):
     """Samples answers to ``prompt``: ``forward_step`` at the configured temperature
-    (``num_generations`` per prompt), ``eval_step`` greedily."""
+    (``runtime.num_inference_per_prompt`` per prompt), ``eval_step`` greedily."""
 
     @torch.no_grad()
     def forward_step(self, data: dict) -> dict:
-        data = _repeat(data, int(self.arg("num_generations", 1)))
+        data = _repeat(data, self.runtime_config.num_inference_per_prompt)
         return self._answer(data, float(self.arg("temperature", 1.0)))
 
     @torch.no_grad()
@@ -193,7 +194,7 @@ class ValueInference(GPTModule):
 class RewardInference(GPTModule):
     """Scores answers with a rule (``args.task``) and turns the scores into advantages:
     with a value model's ``old_values`` in the batch, PPO's KL-shaped token rewards and
-    GAE; without, GRPO's group-relative advantages over ``num_generations`` rows."""
+    GAE; without, GRPO's group-relative advantages over ``num_inference_per_prompt`` rows."""
 
     def setup(self) -> None:
         self.rule = reward_function(self.arg("task", "count_up"))
@@ -216,7 +217,7 @@ class RewardInference(GPTModule):
             gamma, lam = float(self.arg("gamma", 1.0)), float(self.arg("lam", 0.95))
             out["advantages"], out["returns"] = gae(rewards, data["old_values"], mask, gamma, lam)
         else:
-            groups = int(self.arg("num_generations", 1))
+            groups = self.runtime_config.num_inference_per_prompt
             out["advantages"] = group_advantages(score, groups, bool(self.arg("scale", True)))
         return out
 
@@ -295,6 +296,23 @@ class ValueTrainer(GPTModule):
         return {"loss": _mean(losses)}
 
 
+class SFTTrainer(GPTModule):
+    """Supervised fine-tuning: cross-entropy on the response tokens of ``sequences``
+    (a warm-up before RL, or distillation from a teacher's answers)."""
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        losses = []
+        for mb, weight, sync in self.accumulate(micro_batches):
+            with sync:
+                logits = self.model(mb["sequences"], mb["attention_mask"])
+                logprobs = token_logprobs(logits, mb["sequences"], prompt_length(mb))
+                loss = -masked_mean(logprobs, mb["response_mask"])
+                (loss * weight).backward()
+            losses.append(loss.item())
+        self.step_optimizer()
+        return {"loss": _mean(losses)}
+
+
 class GRPOTrainer(GPTModule):
     """GRPO policy update: clipped surrogate with group advantages, KL to the reference."""
 
@@ -328,5 +346,6 @@ __all__ = [
     "RewardModel",
     "PolicyTrainer",
     "ValueTrainer",
+    "SFTTrainer",
     "GRPOTrainer",
 ]

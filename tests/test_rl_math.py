@@ -1,0 +1,113 @@
+"""PPO/GRPO functions against values worked out by hand, padding included."""
+
+import math
+
+import pytest
+import torch
+
+from flowgraph.rl.grpo import group_advantages, grpo_loss
+from flowgraph.rl.ppo import (
+    entropy,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
+
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1 has one padding position
+
+
+def test_masked_mean_and_whiten_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 1000.0]])
+    assert masked_mean(x, MASK).item() == pytest.approx(3.0)  # (1+2+3+4+5)/5
+    assert masked_mean(x, MASK, dim=1).tolist() == pytest.approx([2.0, 4.5])
+    w = masked_whiten(x, MASK)
+    # mean 3, population variance (4+1+0+1+4)/5 = 2
+    r = math.sqrt(2)
+    expected = [[-2 / r, -1 / r, 0.0], [1 / r, 2 / r, 0.0]]
+    torch.testing.assert_close(w, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_gae_by_hand_with_a_padded_row():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 7.0]])
+    adv, ret = gae(rewards, values, MASK, gamma=0.9, lam=0.5)
+    # row 0: d2 = 1 - .5 = .5; d1 = 0 + .9*.5 - .5 = -.05; d0 = -.05
+    #        A2 = .5; A1 = -.05 + .45*.5 = .175; A0 = -.05 + .45*.175 = .02875
+    # row 1 ends at t=1 (t=2 is padding: its reward 9 and value 7 are ignored):
+    #        d1 = 2 - 1 = 1; A1 = 1; d0 = 0 + .9*1 - 1 = -.1; A0 = -.1 + .45*1 = .35
+    torch.testing.assert_close(adv, torch.tensor([[0.02875, 0.175, 0.5], [0.35, 1.0, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.52875, 0.675, 1.0], [1.35, 2.0, 0.0]]))
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(kl_penalty(logp, ref, "abs"), torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(kl_penalty(logp, ref, "k2"), torch.tensor([0.125, 0.5]))
+    k3 = torch.tensor([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0])
+    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), k3)
+    with pytest.raises(ValueError, match="unknown KL estimator 'k9'; use k1, abs, k2 or k3"):
+        kl_penalty(logp, ref, "k9")
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    rewards = token_rewards(torch.tensor([1.0, 2.0]), kl, MASK, kl_coef=0.5)
+    expected = [[-0.05, -0.1, -0.15 + 1.0], [-0.2, -0.25 + 2.0, 0.0]]
+    torch.testing.assert_close(rewards, torch.tensor(expected))
+
+
+def test_policy_loss_clips_the_ratio():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = policy_loss(logp, old, adv, mask, clip=0.2)
+    # token 0: min(1.5, 1.2) = 1.2; token 1: min(-0.5, -0.8) = -0.8; token 2 is padding
+    assert loss.item() == pytest.approx(-(1.2 - 0.8) / 2)
+    assert stats["clip_frac"] == pytest.approx(1.0)
+    assert stats["approx_kl"] == pytest.approx((math.log(1.5) ** 2 + math.log(0.5) ** 2) / 4)
+
+
+def test_value_loss_takes_the_worse_of_clipped_and_unclipped():
+    values = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.0, 0.0]])
+    returns = torch.tensor([[2.0, 1.0]])
+    loss = value_loss(values, old, returns, torch.ones(1, 2), clip=0.2)
+    # token 0: (1-2)^2 = 1 vs clipped 0.2: (0.2-2)^2 = 3.24; token 1: 1 vs 1
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 1.0) / 2)
+
+
+def test_entropy_of_uniform_and_certain_distributions():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    assert entropy(logits, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(4))
+    assert entropy(logits, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.3, 0.3, 0.3])  # the second group all equal
+    adv = group_advantages(rewards, 3)
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # unbiased std of [1, 0, 0]
+    expected = [(2 / 3) / std, -(1 / 3) / std, -(1 / 3) / std, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    unscaled = group_advantages(rewards, 3, scale=False)
+    torch.testing.assert_close(unscaled[:3], torch.tensor([2 / 3, -1 / 3, -1 / 3]))
+    with pytest.raises(ValueError, match="6 rewards do not form groups of num_generations=4"):
+        group_advantages(rewards, 4)
+
+
+def test_grpo_loss_averages_tokens_per_row_then_rows():
+    logp = torch.zeros(2, 2)
+    ref = torch.log(torch.tensor([[1.0, 2.0], [1.0, 1.0]]))  # token (0,1): log-ratio -ln 2
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, stats = grpo_loss(logp, logp, ref, adv, mask, clip=0.2, beta=0.1)
+    k3 = math.exp(math.log(2)) - 1 - math.log(2)  # exp(-r) - 1 + r
+    row0 = (-1.0 + (-1.0 + 0.1 * k3)) / 2
+    row1 = 2.0
+    assert loss.item() == pytest.approx((row0 + row1) / 2)
+    assert stats["kl"] == pytest.approx(k3 / 3)
