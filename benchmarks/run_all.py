@@ -15,7 +15,10 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 import bench_compile  # noqa: E402
+import bench_generation  # noqa: E402
+import bench_grpo  # noqa: E402
 import bench_overhead  # noqa: E402
+import bench_rl  # noqa: E402
 import bench_runtime  # noqa: E402
 import bench_sync  # noqa: E402
 import bench_trace  # noqa: E402
@@ -33,6 +36,9 @@ def main() -> None:
         + bench_transfer.main()
         + bench_runtime.main()
         + bench_sync.main()
+        + bench_generation.main()
+        + bench_rl.main()
+        + bench_grpo.main()
     )
     out = HERE / "out"
     out.mkdir(exist_ok=True)

@@ -139,12 +139,10 @@ class TinyGPT(nn.Module):
                 f"sequence of {int(positions.max()) + 1} tokens exceeds max_seq_len="
                 f"{self.config.max_seq_len} of this TinyGPT; raise max_seq_len in its args"
             )
-        causal = torch.ones(t, start + t, dtype=torch.bool, device=input_ids.device).tril(start)
-        attn = causal[None] & key_mask[:, None, :]
-        attn = attn | ~attn.any(-1, keepdim=True)  # a padding query attends to itself: no NaN
         x = self.tok_emb(input_ids) + self.pos_emb(positions)
+        attn = _attention_mask(key_mask, start, t)
         for layer, block in enumerate(self.blocks):
-            x = block(x, attn[:, None], cache, layer)
+            x = block(x, attn, cache, layer)
         if cache is not None:
             cache.filled += t
             cache.positions = cache.positions + mask.long().sum(1)
@@ -169,6 +167,17 @@ class ValueGPT(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         """Values ``[B, T]``."""
         return self.head(self.body.hidden(input_ids, attention_mask)).squeeze(-1)
+
+
+def _attention_mask(key_mask: torch.Tensor, start: int, t: int) -> torch.Tensor | None:
+    """Boolean ``[B, 1, t, start + t]`` mask: causal, no padding keys. ``None`` when that is
+    every key (one new token per row and no padding: the fast path of sampling)."""
+    if t == 1 and bool(key_mask.all()):
+        return None
+    causal = torch.ones(t, start + t, dtype=torch.bool, device=key_mask.device).tril(start)
+    attn = causal[None] & key_mask[:, None, :]
+    attn = attn | ~attn.any(-1, keepdim=True)  # a padding query attends to itself: no NaN
+    return attn[:, None]
 
 
 def _init_weights(module: nn.Module) -> None:

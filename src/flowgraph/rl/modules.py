@@ -263,8 +263,10 @@ class PolicyTrainer(GPTModule):
                     logprobs, mb["old_logprobs"], advantages, mb["response_mask"],
                     float(self.arg("clip", 0.2)),
                 )  # fmt: skip
-                ent = entropy(logits[:, p - 1 : -1], mb["response_mask"])
-                ((loss - float(self.arg("entropy_coef", 0.0)) * ent) * weight).backward()
+                coef = float(self.arg("entropy_coef", 0.0))
+                with torch.set_grad_enabled(coef > 0):  # no backward through it when unused
+                    ent = entropy(logits[:, p - 1 : -1], mb["response_mask"])
+                ((loss - coef * ent) * weight).backward()
             stats.append({**info, "loss": loss.item(), "entropy": ent.item()})
         grad_norm = self.step_optimizer()
         return {
@@ -334,6 +336,10 @@ class GRPOTrainer(GPTModule):
             **{k: _mean([s[k] for s in stats]) for k in stats[0]},
             "grad_norm": grad_norm,
             "reward": torch.cat([mb["score"] for mb in micro_batches]).mean().item(),
+            "response_length": torch.cat([mb["response_mask"] for mb in micro_batches])
+            .sum(1)
+            .mean()
+            .item(),
         }
 
 
