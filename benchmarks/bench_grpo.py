@@ -9,32 +9,26 @@ the mean reward first passes 0.9.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from common import report
+from common import load_example, report
+
+from flowgraph.config import current_config
 
 ROOT = Path(__file__).parent.parent
 
 
-def load_grpo():
-    spec = importlib.util.spec_from_file_location("grpo_example", ROOT / "examples" / "grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(episodes: int = 40) -> list[dict]:
-    grpo = load_grpo()
+    grpo = load_example("grpo")
     with tempfile.TemporaryDirectory() as log_dir:
         records = grpo.main(["--config", str(ROOT / "examples" / "grpo_bench.yaml"),
                              f"runtime.num_episode={episodes}", "runtime.log_episodes=false",
                              "runtime.progress=false", f"runtime.log_dir={log_dir}"])  # fmt: skip
     steps = [r for r in records if r.episode > 0]
-    rows = lambda r: r.samples * 4  # noqa: E731 (num_inference_per_prompt in the config)
+    group = current_config().runtime.num_inference_per_prompt
     window = steps[1:10]
     seconds = statistics.median(r.seconds for r in window)
     results = [
@@ -47,7 +41,10 @@ def main(episodes: int = 40) -> list[dict]:
         report(
             "GRPO bench: generated tokens/s (policy stage)",
             statistics.median(
-                rows(r) * r.metrics["grpo_policy/response_length"] / r.stages["env/policy"]
+                r.samples
+                * group
+                * r.metrics["grpo_policy/response_length"]
+                / r.stages["env/policy"]
                 for r in window
             ),
             "tok/s",

@@ -12,7 +12,6 @@ python benchmarks/bench_rl.py
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import plain_ppo
-from common import report
+from common import load_example, report
 
 ROOT = Path(__file__).parent.parent
 EPISODES, ROUNDS = 15, 3
@@ -32,13 +31,6 @@ SETTINGS = [
     "runtime.eval_episode_interval=0",
     "runtime.enable_eval_before_training=false",
 ]
-
-
-def load_ppo():
-    spec = importlib.util.spec_from_file_location("ppo_example", ROOT / "examples" / "ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flowgraph_seconds(ppo) -> float:
@@ -63,7 +55,7 @@ def main() -> list[dict]:
     import logging
 
     logging.getLogger("flowgraph").setLevel(logging.ERROR)  # the evaluator is off on purpose
-    ppo = load_ppo()
+    ppo = load_example("ppo")
     samples = EPISODES * plain_ppo.CONFIG["runtime"]["sample_per_episode"]
     ours, plain = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,6 +3,7 @@ spawned gloo processes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,6 +27,15 @@ def median_seconds(fn: Callable[[], object], repeats: int, inner: int = 1) -> fl
             fn()
         times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (its engine built, nothing run)."""
+    path = Path(__file__).parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def report(name: str, value: float, unit: str, target: str = "") -> dict:

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-import flowgraph
 from flowgraph import BaseModule, Engine, Environment, Trainer
+from flowgraph.config import init_from_argv
 from flowgraph.rl.modules import GPTModule, SFTTrainer
 from flowgraph.rl.sampling import generate, left_pad
 from flowgraph.rl.tasks import count_up, digit_prompts
@@ -90,10 +90,7 @@ def student_score(student, prompts):
 
 def main(argv):
     """Configure from custom_engine.yaml plus key=value overrides, learn, score the student."""
-    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "custom_engine.yaml")
-    if argv[:1] == ["--config"]:
-        config, argv = argv[1], argv[2:]
-    flowgraph.init(config, argv)
+    init_from_argv(argv, os.path.join(os.path.dirname(__file__), "custom_engine.yaml"))
     records = engine.learn()
     if ppo_policy.model is not None and int(os.environ.get("RANK", "0")) == 0:
         score = student_score(ppo_policy, digit_prompts(64, seed=1))

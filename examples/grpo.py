@@ -13,8 +13,8 @@ KL term. `examples/grpo_bench.yaml` is the standard comparison configuration.
 import os
 import sys
 
-import flowgraph
 from flowgraph import Engine, Environment, Evaluator, Trainer
+from flowgraph.config import init_from_argv
 from flowgraph.rl.modules import GRPOTrainer, PolicyInference, PolicyReference, RewardInference
 from flowgraph.rl.tasks import digit_prompts
 
@@ -53,10 +53,7 @@ engine = (
 
 def main(argv):
     """Configure from grpo.yaml (or --config FILE) plus key=value overrides, then learn."""
-    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo.yaml")
-    if argv[:1] == ["--config"]:
-        config, argv = argv[1], argv[2:]
-    flowgraph.init(config, argv)
+    init_from_argv(argv, os.path.join(os.path.dirname(__file__), "grpo.yaml"))
     return engine.learn()
 
 

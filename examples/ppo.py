@@ -16,8 +16,8 @@ Metrics go to runtime.log_dir/metrics.jsonl and a plot to runtime.log_dir/metric
 import os
 import sys
 
-import flowgraph
 from flowgraph import Engine, Environment, Evaluator, Trainer
+from flowgraph.config import init_from_argv
 from flowgraph.rl.modules import (
     PolicyInference,
     PolicyReference,
@@ -71,10 +71,7 @@ engine = Engine(env, trainer, evaluator) \
 
 def main(argv):
     """Configure from ppo.yaml (or --config FILE) plus key=value overrides, then learn."""
-    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ppo.yaml")
-    if argv[:1] == ["--config"]:
-        config, argv = argv[1], argv[2:]
-    flowgraph.init(config, argv)
+    init_from_argv(argv, os.path.join(os.path.dirname(__file__), "ppo.yaml"))
     return engine.learn()
 
 

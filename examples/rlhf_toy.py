@@ -25,8 +25,8 @@ from toy_modules import (  # noqa: E402
     make_prompts,
 )
 
-import flowgraph  # noqa: E402
 from flowgraph import Engine, Environment, Evaluator, Trainer  # noqa: E402
+from flowgraph.config import init_from_argv  # noqa: E402
 
 policy = PolicyInference("policy")
 value = ValueInference("value")
@@ -71,10 +71,7 @@ engine = Engine(env, trainer, evaluator) \
 
 def main(argv):
     """Configure from rlhf_toy.yaml (or --config FILE) plus key=value overrides, then learn."""
-    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rlhf_toy.yaml")
-    if argv[:1] == ["--config"]:
-        config, argv = argv[1], argv[2:]
-    flowgraph.init(config, argv)
+    init_from_argv(argv, os.path.join(os.path.dirname(__file__), "rlhf_toy.yaml"))
     return engine.learn()
 
 

@@ -92,3 +92,16 @@ def test_assignment_is_validated():
     cfg = Config()
     with pytest.raises(ValueError):
         cfg.runtime.num_episode = 0
+
+
+def test_init_from_argv_takes_a_config_flag_or_the_default(tmp_path):
+    from flowgraph.config import init_from_argv
+
+    default, other = tmp_path / "default.yaml", tmp_path / "other.yaml"
+    default.write_text("runtime: {seed: 3}\n")
+    other.write_text("runtime: {seed: 5}\n")
+    assert init_from_argv(["runtime.num_episode=2"], default).runtime.seed == 3
+    config = init_from_argv(["--config", str(other), "runtime.num_episode=2"], default)
+    assert (config.runtime.seed, config.runtime.num_episode) == (5, 2)
+    with pytest.raises(ConfigError, match="--config needs a file: --config FILE"):
+        init_from_argv(["--config"], default)

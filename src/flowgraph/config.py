@@ -344,6 +344,21 @@ def init(
     return _current
 
 
+def init_from_argv(argv: list[str], default_config: str | Path) -> Config:
+    """``init()`` from a script's command line: ``[--config FILE] [key=value ...]``, with
+    ``default_config`` when no ``--config`` is given.
+
+    Example::
+
+        init_from_argv(sys.argv[1:], Path(__file__).with_name("ppo.yaml"))
+    """
+    if argv[:1] == ["--config"]:
+        if len(argv) < 2:
+            raise ConfigError("--config needs a file: --config FILE [key=value ...]")
+        return init(argv[1], argv[2:])
+    return init(default_config, argv)
+
+
 def current_config() -> Config:
     """The configuration set by ``init()``, or the defaults when it was never called."""
     return _current if _current is not None else Config()
