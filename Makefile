@@ -11,10 +11,11 @@ install: $(STAMP)
 
 # torch first, pinned: a bare `torch` requirement resolved by pip would pull CUDA wheels.
 # DS_BUILD_OPS=0: DeepSpeed compiles nothing at install time (its ops are not used on CPUs).
+# The optional extras (hf: transformers, tensorboard) are installed so that tests cover them.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test,hf,tensorboard]'
 	touch $(STAMP)
 
 test: install

@@ -102,10 +102,12 @@ def test_custom_engine_example_distils_the_teacher(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", ["ppo", "grpo", "custom_engine"])
+@pytest.mark.parametrize("example", ["ppo", "grpo", "custom_engine", "grpo:grpo_hf.yaml"])
 def test_rl_examples_run_under_torchrun_with_two_ranks(tmp_path, example):
+    example, _, config = example.partition(":")
     script = str(EXAMPLES / f"{example}.py")
-    settings = ["runtime.num_episode=2", "runtime.progress=false", f"runtime.log_dir={tmp_path}"]
+    settings = ["--config", str(EXAMPLES / config)] if config else []
+    settings += ["runtime.num_episode=2", "runtime.progress=false", f"runtime.log_dir={tmp_path}"]
     command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", script, *settings]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180,
                             env=job_env(), check=False)  # fmt: skip

@@ -152,6 +152,10 @@ class TinyGPT(nn.Module):
         """Logits ``[B, T, vocab]`` for every position of ``input_ids``."""
         return self.lm_head(self.hidden(input_ids, attention_mask, cache))
 
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``length`` tokens (for ``generate``)."""
+        return KVCache(self.config, batch, length, self.lm_head.weight)
+
 
 class ValueGPT(nn.Module):
     """A ``TinyGPT`` body with a scalar head: one value per position (critic or reward)."""

@@ -12,6 +12,8 @@ arg                 meaning                                                     
 ``n_layer`` ...     ``GPTConfig`` fields (vocab_size, n_layer, n_head, n_embd,   GPTConfig
                     max_seq_len); vocab_size is at least the tokenizer's
 ``init_seed``       seed of the initial weights (equal seeds: equal weights)    0
+``hf_model``        a local Hugging Face model directory instead of TinyGPT     none
+``hf_config``       an inline Hugging Face config (``model_type: gpt2``, ...)   none
 ``temperature``     sampling temperature (``top_k``, ``top_p`` too)             1.0
 ``task``            rule reward of ``RewardInference`` (``flowgraph.rl.tasks``)  count_up
 ``kl_coef``         KL penalty per token in the PPO reward                      0.05
@@ -41,6 +43,7 @@ from typing import Any
 import torch
 
 from flowgraph.module import TorchModule
+from flowgraph.rl import hf
 from flowgraph.rl.gpt import GPTConfig, TinyGPT, ValueGPT
 from flowgraph.rl.grpo import group_advantages, grpo_loss
 from flowgraph.rl.ppo import (
@@ -80,10 +83,23 @@ class GPTModule(TorchModule):
             max_seq_len=runtime.prompt_length + runtime.response_length,
         )
 
+    def build_network(self) -> torch.nn.Module:
+        """``self.network`` (``TinyGPT`` or ``ValueGPT``) from ``args``, or the Hugging Face
+        model that ``args.hf_model`` / ``args.hf_config`` name (``flowgraph.rl.hf``)."""
+        config = self.gpt_config()
+        if not hf.wanted(self.model_config.args):
+            return self.network(config)
+        tokenizer = self.tokenizer
+        special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                   "pad_token_id": tokenizer.pad_id}  # fmt: skip
+        return hf.build(
+            self.model_config.args, self.network is ValueGPT, config.vocab_size, special
+        )
+
     def setup(self) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(self.arg("init_seed", 0))
-            self.model = self.network(self.gpt_config())
+            self.model = self.build_network()
         if self.trainable:
             self.optimizer = torch.optim.AdamW(
                 self.model.parameters(), lr=float(self.arg("lr", 1e-3)), weight_decay=0.0

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from flowgraph.rl.gpt import KVCache, TinyGPT
+from torch import nn
 
 
 @dataclass
@@ -92,7 +91,7 @@ def sample_next(
 
 @torch.no_grad()
 def generate(
-    model: TinyGPT,
+    model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
@@ -106,12 +105,14 @@ def generate(
     prompt_width: int = 0,
 ) -> Generation:
     """Up to ``max_new_tokens`` tokens after every prompt row (see the module docstring);
-    prompts are left-padded to at least ``prompt_width`` columns."""
+    prompts are left-padded to at least ``prompt_width`` columns. ``model`` is a ``TinyGPT``
+    or anything with its interface: ``model(ids, mask, cache)`` gives logits and
+    ``model.new_cache(batch, length)`` an empty cache (``flowgraph.rl.hf.HFCausalLM``)."""
     ids, mask = left_pad(input_ids, attention_mask, pad_id, prompt_width)
     batch, prompt_length = ids.shape
     stops = torch.tensor(list(stop_tokens), dtype=ids.dtype, device=ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    cache = KVCache(model.config, batch, prompt_length + max_new_tokens, model.lm_head.weight)
+    cache = model.new_cache(batch, prompt_length + max_new_tokens)
     step_ids, step_mask = ids, mask
     for _ in range(max_new_tokens):
         if use_cache:

@@ -1,0 +1,173 @@
+"""Hugging Face causal LMs behind the ``TinyGPT`` interface (optional: ``pip install
+flowgraph[hf]``, which installs ``transformers``).
+
+The ready modules of ``flowgraph.rl.modules`` build one of these instead of a ``TinyGPT``
+when their ``args`` name a Hugging Face model, and nothing is ever downloaded:
+
+- ``hf_model: DIR``: a local directory. With weights in it (``save_pretrained`` output) the
+  model is loaded from them; with only a ``config.json`` it is built from that config and
+  initialised from ``init_seed``.
+- ``hf_config: {model_type: gpt2, n_layer: 4, ...}``: a config written inline (any
+  ``transformers`` model type), randomly initialised from ``init_seed``. ``vocab_size``
+  defaults to the tokenizer's and the special token ids to the tokenizer's.
+
+Dropout is turned off (``disable_dropout: false`` keeps the config's). Token ids come
+from the module's ``CharTokenizer``, so the model's vocabulary must be at
+least as large as the tokenizer's. Positions follow the attention mask, so left-padded
+prompts are handled as ``TinyGPT`` handles them.
+
+Example::
+
+    >>> import torch
+    >>> model = build({"hf_config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2,
+    ...                "n_embd": 16}}, value=False, vocab_size=12, special_ids={})
+    >>> model(torch.tensor([[0, 3, 4]]), torch.tensor([[0, 1, 1]])).shape
+    torch.Size([1, 3, 12])
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def wanted(args: dict) -> bool:
+    """Whether a model's ``args`` ask for a Hugging Face model."""
+    return "hf_model" in args or "hf_config" in args
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "args.hf_model / args.hf_config need the transformers package: "
+            "pip install 'flowgraph[hf]' (or pip install transformers)"
+        ) from error
+    return transformers
+
+
+def _config(args: dict, vocab_size: int, special_ids: dict):
+    transformers = _transformers()
+    if "hf_config" in args:
+        fields = dict(args["hf_config"])
+        if "model_type" not in fields:
+            raise ValueError(
+                "args.hf_config needs a model_type (for example model_type: gpt2), "
+                f"got the keys {sorted(fields)}"
+            )
+        fields.setdefault("vocab_size", vocab_size)
+        for key, value in special_ids.items():
+            fields.setdefault(key, value)
+        return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    path = str(args["hf_model"])
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"args.hf_model={path!r} has no config.json; point it at a directory written by "
+            "save_pretrained() or holding a model's config.json (nothing is downloaded)"
+        )
+    return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def build(args: dict, value: bool, vocab_size: int, special_ids: dict) -> nn.Module:
+    """The ``HFCausalLM`` (or ``HFValueModel`` when ``value``) that ``args`` describe."""
+    transformers = _transformers()
+    config = _config(args, vocab_size, special_ids)
+    if config.vocab_size < vocab_size:
+        raise ValueError(
+            f"the Hugging Face model has a vocabulary of {config.vocab_size} tokens, fewer "
+            f"than the tokenizer's {vocab_size}; raise vocab_size in its config"
+        )
+    if args.get("disable_dropout", True):
+        _disable_dropout(config)
+    path = args.get("hf_model")
+    pretrained = path is not None and any(
+        os.path.exists(os.path.join(str(path), name)) for name in WEIGHT_FILES
+    )
+    auto = transformers.AutoModel if value else transformers.AutoModelForCausalLM
+    if pretrained:
+        network = auto.from_pretrained(str(path), config=config, local_files_only=True)
+    else:
+        network = auto.from_config(config)
+    return HFValueModel(network) if value else HFCausalLM(network)
+
+
+def _disable_dropout(config) -> None:
+    """Dropout probabilities of ``config`` set to 0: with dropout on, the sampled answers'
+    log-probs and the trainer's would differ by noise (TRL and OpenRLHF turn it off too)."""
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(1) - 1).clamp_min(0)
+
+
+class HFCache:
+    """The running attention mask and ``transformers``' own cache of past keys/values."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.past = None
+
+
+class HFCausalLM(nn.Module):
+    """A ``transformers`` causal LM with ``TinyGPT``'s call: ``model(ids, mask, cache)``
+    gives logits ``[B, T, vocab]``; ``new_cache`` starts a cache for ``generate``."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def new_cache(self, batch: int, length: int) -> HFCache:
+        return HFCache()
+
+    def forward(self, input_ids, attention_mask=None, cache: HFCache | None = None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if cache is None:
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=_positions(attention_mask),
+                use_cache=False,
+            )
+            return out.logits
+        full = attention_mask if cache.mask is None else torch.cat([cache.mask, attention_mask], 1)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=full,
+            position_ids=_positions(full)[:, -input_ids.shape[1] :],
+            past_key_values=cache.past,
+            use_cache=True,
+        )
+        cache.mask, cache.past = full, out.past_key_values
+        return out.logits
+
+
+class HFValueModel(nn.Module):
+    """A ``transformers`` base model (no LM head) with a zero-initialised scalar head: one
+    value per position, like ``ValueGPT``."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=_positions(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        return self.head(hidden).squeeze(-1)
