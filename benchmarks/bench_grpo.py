@@ -1,15 +1,24 @@
-"""The standard GRPO comparison: examples/grpo.py with examples/grpo_bench.yaml.
+"""The standard GRPO comparison: examples/grpo.py with examples/grpo_bench.yaml (the
+built-in TinyGPT) and examples/grpo_bench_hf.yaml (a Hugging Face GPT2LMHeadModel of the
+same shape), then a sweep of threads per process and processes per machine.
 
-python benchmarks/bench_grpo.py [EPISODES]
+python benchmarks/bench_grpo.py [EPISODES]   # or --sweep: the layouts only
 
 One optimizer step per episode. Reports seconds per step (median of steps 2-10),
 prompts/s, generated tokens/s, the per-stage breakdown, and the step and seconds at which
-the mean reward first passes 0.9.
+the mean reward first passes 0.9. The sweep runs 10 steps of the TinyGPT setting as a
+fresh process per layout: 1 process with 2 threads, 1 process with 1 thread, torchrun
+with 2 ranks of 1 thread. (grpo_bench.yaml generates 16 prompts per call, so that an
+episode's 32 prompts make two micro-batches and both ranks generate: with one micro-batch
+only one rank could, and the compiler places inference and trainer on separate ranks.)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -19,40 +28,35 @@ from common import load_example, report
 from flowgraph.config import current_config
 
 ROOT = Path(__file__).parent.parent
+QUIET = ["runtime.log_episodes=false", "runtime.progress=false"]
 
 
-def main(episodes: int = 40) -> list[dict]:
+def setting(config: str, episodes: int) -> list[dict]:
     grpo = load_example("grpo")
+    label = f"GRPO bench ({config})"
     with tempfile.TemporaryDirectory() as log_dir:
-        records = grpo.main(["--config", str(ROOT / "examples" / "grpo_bench.yaml"),
-                             f"runtime.num_episode={episodes}", "runtime.log_episodes=false",
-                             "runtime.progress=false", f"runtime.log_dir={log_dir}"])  # fmt: skip
+        config_file = str(ROOT / "examples" / f"{config}.yaml")
+        settings = [f"runtime.num_episode={episodes}", f"runtime.log_dir={log_dir}"]
+        records = grpo.main(["--config", config_file, *QUIET, *settings])
     steps = [r for r in records if r.episode > 0]
     group = current_config().runtime.num_inference_per_prompt
     window = steps[1:10]
-    seconds = statistics.median(r.seconds for r in window)
+
+    def tokens_per_second(r) -> float:
+        answers = r.samples * group * r.metrics["grpo_policy/response_length"]
+        return answers / r.stages["env/policy"]
+
     results = [
-        report("GRPO bench: seconds per step (median of steps 2-10)", seconds, "s"),
-        report(
-            "GRPO bench: prompts/s",
-            statistics.median(r.samples / r.seconds for r in window),
-            "prompt/s",
-        ),  # fmt: skip
-        report(
-            "GRPO bench: generated tokens/s (policy stage)",
-            statistics.median(
-                r.samples
-                * group
-                * r.metrics["grpo_policy/response_length"]
-                / r.stages["env/policy"]
-                for r in window
-            ),
-            "tok/s",
-        ),  # fmt: skip
-    ]
+        report(f"{label}: seconds per step (median of steps 2-10)",
+               statistics.median(r.seconds for r in window), "s"),
+        report(f"{label}: prompts/s", statistics.median(r.samples / r.seconds for r in window),
+               "prompt/s"),
+        report(f"{label}: generated tokens/s (policy stage)",
+               statistics.median(tokens_per_second(r) for r in window), "tok/s"),
+    ]  # fmt: skip
     for stage in ("env/policy", "env/reference", "env/reward", "train", "sync"):
         share = statistics.median(r.stages.get(stage, 0.0) / r.seconds for r in window)
-        results.append(report(f"GRPO bench: share of the step in {stage}", share * 100, "%"))
+        results.append(report(f"{label}: share of the step in {stage}", share * 100, "%"))
     elapsed, passed = 0.0, None
     for r in steps:
         elapsed += r.seconds
@@ -60,13 +64,47 @@ def main(episodes: int = 40) -> list[dict]:
             passed = (r.episode, elapsed)
             break
     if passed:
-        results.append(report("GRPO bench: steps until mean reward > 0.9", passed[0], "steps"))
-        results.append(report("GRPO bench: seconds until mean reward > 0.9", passed[1], "s"))
+        results.append(report(f"{label}: steps until mean reward > 0.9", passed[0], "steps"))
+        results.append(report(f"{label}: seconds until mean reward > 0.9", passed[1], "s"))
     else:
         final = steps[-1].metrics["grpo_policy/reward"]
-        results.append(report(f"GRPO bench: reward after {episodes} steps (not > 0.9)", final, ""))
+        results.append(report(f"{label}: reward after {episodes} steps (not > 0.9)", final, ""))
     return results
 
 
+LAYOUTS = {
+    "1 process x 2 threads": ([], "2"),
+    "1 process x 1 thread": ([], "1"),
+    "torchrun 2 ranks x 1 thread": (["-m", "torch.distributed.run", "--standalone",
+                                     "--nproc-per-node", "2"], "1"),
+}  # fmt: skip
+
+
+def sweep(steps: int = 10) -> list[dict]:
+    """Median seconds per step (steps 2..steps) of each layout, each a fresh process."""
+    results = []
+    for name, (launcher, threads) in LAYOUTS.items():
+        with tempfile.TemporaryDirectory() as log_dir:
+            command = [sys.executable, *launcher, str(ROOT / "examples" / "grpo.py"),
+                       "--config", str(ROOT / "examples" / "grpo_bench.yaml"), *QUIET,
+                       "runtime.eval_episode_interval=0",
+                       f"runtime.num_episode={steps}",
+                       f"runtime.log_dir={log_dir}"]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": threads}
+            subprocess.run(command, check=True, capture_output=True, env=env)
+            lines = (Path(log_dir) / "metrics.jsonl").read_text().splitlines()
+            seconds = [json.loads(line)["seconds"] for line in lines]
+        results.append(report(f"GRPO bench sweep: s/step, {name}",
+                              statistics.median(seconds[1:]), "s"))  # fmt: skip
+    return results
+
+
+def main(episodes: int = 40) -> list[dict]:
+    return setting("grpo_bench", episodes) + setting("grpo_bench_hf", episodes) + sweep()
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 40)
+    if sys.argv[1:] == ["--sweep"]:
+        sweep()
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 40)

@@ -1,18 +1,22 @@
-"""End-to-end PPO on the demo task: flowgraph against a plain PyTorch script, and the
-speed-up of 2 ranks under torchrun.
+"""End-to-end PPO and GRPO on the demo task: flowgraph against plain PyTorch scripts, and
+the speed-up of 2 ranks under torchrun.
 
-python benchmarks/bench_rl.py
+python benchmarks/bench_rl.py [ppo|grpo ...]
 
-- flowgraph: examples/ppo.py with examples/ppo.yaml; plain: benchmarks/plain_ppo.py,
-  the same models, math and batch sizes in one loop. Both run EPISODES episodes without
-  evaluation, alternating over ROUNDS rounds; samples/s from the wall time of each run.
-- torchrun: the median episode time of `torchrun --nproc-per-node 2 examples/ppo.py`
+- flowgraph: examples/ppo.py (ppo.yaml) and examples/grpo.py (grpo.yaml); plain:
+  benchmarks/plain_ppo.py and plain_grpo.py, the same models, math and batch sizes in one
+  loop. Each side first runs one untimed episode (imports, first-call allocations), then
+  both run EPISODES episodes without evaluation, alternating over ROUNDS rounds with the
+  side that goes first swapped every round; samples/s from the median wall time. The
+  wall time covers everything `main()` does: config, tracing, model setup, the episodes.
+- torchrun: the median episode time of `torchrun --nproc-per-node 2 examples/X.py`
   (rank 0's record: the slower rank per stage) against one process.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -20,29 +24,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import plain_grpo
 import plain_ppo
 from common import load_example, report
 
 ROOT = Path(__file__).parent.parent
-EPISODES, ROUNDS = 15, 3
+EPISODES, ROUNDS = 15, 5
 SETTINGS = [
     "runtime.log_episodes=false",
     "runtime.progress=false",
     "runtime.eval_episode_interval=0",
     "runtime.enable_eval_before_training=false",
 ]
+PLAIN = {"ppo": plain_ppo, "grpo": plain_grpo}
 
 
-def flowgraph_seconds(ppo) -> float:
-    """Wall time of a run that, like the plain script, writes no metrics file or plot."""
+def timed(fn) -> float:
     start = time.perf_counter()
-    ppo.main([*SETTINGS, f"runtime.num_episode={EPISODES}", "runtime.log_dir="])
-    return time.perf_counter() - start
-
-
-def plain_seconds() -> float:
-    start = time.perf_counter()
-    plain_ppo.run(EPISODES)
+    fn()
     return time.perf_counter() - start
 
 
@@ -51,35 +50,46 @@ def median_episode(metrics: Path) -> float:
     return statistics.median(r["seconds"] for r in records if r["episode"] > 0)
 
 
-def main() -> list[dict]:
-    import logging
-
-    logging.getLogger("flowgraph").setLevel(logging.ERROR)  # the evaluator is off on purpose
-    ppo = load_example("ppo")
-    samples = EPISODES * plain_ppo.CONFIG["runtime"]["sample_per_episode"]
-    ours, plain = [], []
+def compare(name: str) -> list[dict]:
+    example, plain = load_example(name), PLAIN[name]
+    # Like the plain script, no metrics file or plot ("runtime.log_dir=").
+    ours = lambda n: example.main([*SETTINGS, f"runtime.num_episode={n}", "runtime.log_dir="])  # noqa: E731
+    ours(1), plain.run(1)
+    flowgraph_times, plain_times = [], []
+    for round_ in range(ROUNDS):
+        sides = [
+            (flowgraph_times, lambda: ours(EPISODES)),
+            (plain_times, lambda: plain.run(EPISODES)),
+        ]
+        for times, fn in sides if round_ % 2 == 0 else sides[::-1]:
+            times.append(timed(fn))
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(ROUNDS):
-            ours.append(flowgraph_seconds(ppo))
-            plain.append(plain_seconds())
-        ppo.main([*SETTINGS, f"runtime.num_episode={EPISODES}", f"runtime.log_dir={tmp}"])
+        example.main([*SETTINGS, f"runtime.num_episode={EPISODES}", f"runtime.log_dir={tmp}"])
         one_process = median_episode(Path(tmp) / "metrics.jsonl")
-        command = ["torchrun", "--standalone", "--nproc-per-node", "2",
-                   str(ROOT / "examples" / "ppo.py"), *SETTINGS,
-                   f"runtime.num_episode={EPISODES}", f"runtime.log_dir={tmp}/two"]  # fmt: skip
         torchrun = Path(sys.executable).parent / "torchrun"
-        subprocess.run([str(torchrun), *command[1:]], check=True, capture_output=True)
+        command = [str(torchrun), "--standalone", "--nproc-per-node", "2",
+                   str(ROOT / "examples" / f"{name}.py"), *SETTINGS,
+                   f"runtime.num_episode={EPISODES}", f"runtime.log_dir={tmp}/two"]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
         two_ranks = median_episode(Path(tmp) / "two" / "metrics.jsonl")
-    rate, base = samples / statistics.median(ours), samples / statistics.median(plain)
+    samples = EPISODES * plain.CONFIG["runtime"]["sample_per_episode"]
+    rate = samples / statistics.median(flowgraph_times)
+    base = samples / statistics.median(plain_times)
+    title = name.upper()
     return [
-        report("PPO demo: flowgraph samples/s (1 process)", rate, "sample/s"),
-        report("PPO demo: plain PyTorch script samples/s", base, "sample/s"),
-        report("PPO demo: flowgraph / plain", rate / base, "x", "target >= 0.95"),
-        report("PPO demo: median episode, 1 process", one_process, "s"),
-        report("PPO demo: median episode, torchrun 2 ranks", two_ranks, "s"),
-        report("PPO demo: speed-up of 2 ranks", one_process / two_ranks, "x"),
+        report(f"{title} demo: flowgraph samples/s (1 process)", rate, "sample/s"),
+        report(f"{title} demo: plain PyTorch script samples/s", base, "sample/s"),
+        report(f"{title} demo: flowgraph / plain", rate / base, "x", "target >= 0.95"),
+        report(f"{title} demo: median episode, 1 process", one_process, "s"),
+        report(f"{title} demo: median episode, torchrun 2 ranks", two_ranks, "s"),
+        report(f"{title} demo: speed-up of 2 ranks", one_process / two_ranks, "x"),
     ]
 
 
+def main(names=("ppo", "grpo")) -> list[dict]:
+    logging.getLogger("flowgraph").setLevel(logging.ERROR)  # the evaluator is off on purpose
+    return [line for name in names for line in compare(name)]
+
+
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or ("ppo", "grpo"))

@@ -85,6 +85,21 @@ def test_meta_device_sizing_leaves_the_module_untouched():
     assert big.model is None  # nothing was really built
 
 
+def test_meta_device_sizing_reads_the_config_being_compiled():
+    import torch
+
+    from flowgraph.config import Config
+
+    class Sized(TorchModule):
+        def setup(self):
+            width = self.model_config.args.get("width", 1)
+            self.model = torch.nn.Linear(width, width, bias=False)
+
+    sized = Sized("sized")
+    assert measure_params(sized, Config(models={"sized": {"args": {"width": 300}}})) == 90_000
+    assert sized.config is None  # the config was lent for the measurement only
+
+
 def test_meta_sizing_failure_asks_for_params():
     class Loader(TorchModule):
         def setup(self):

@@ -81,7 +81,7 @@ def size_models(ctx: CompileContext) -> None:
         params = (
             cost.parse_params(settings.params, name)
             if settings.params is not None
-            else measure_params(module)
+            else measure_params(module, ctx.config)
         )
         ctx.specs[name] = cost.ModelSpec(
             name=name,

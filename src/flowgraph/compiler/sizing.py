@@ -23,11 +23,15 @@ import torch
 from flowgraph.errors import PlanError
 
 
-def meta_parameters(module: object) -> dict[str, torch.Tensor]:
+def meta_parameters(module: object, config: object = None) -> dict[str, torch.Tensor]:
     """``module.model``'s parameters as meta tensors (shape and dtype, no storage), from
-    running ``setup()`` on the meta device; empty when setup builds no ``nn.Module``."""
+    running ``setup()`` on the meta device; empty when setup builds no ``nn.Module``.
+    ``config`` is the run's config that ``setup()`` reads (``models.<name>.args``) when the
+    module has none yet, as under ``flowc compile``."""
     saved = copy.copy(vars(module))
     try:
+        if config is not None and getattr(module, "config", None) is None:
+            module.config = config
         with torch.device("meta"):
             module.setup()
         network = getattr(module, "model", None)
@@ -46,6 +50,6 @@ def meta_parameters(module: object) -> dict[str, torch.Tensor]:
         vars(module).update(saved)
 
 
-def measure_params(module: object) -> int:
+def measure_params(module: object, config: object = None) -> int:
     """Parameters of ``module.model`` after ``setup()`` on the meta device (0 without one)."""
-    return sum(p.numel() for p in meta_parameters(module).values())
+    return sum(p.numel() for p in meta_parameters(module, config).values())
