@@ -14,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+import bench_checkpoint  # noqa: E402
 import bench_compile  # noqa: E402
 import bench_generation  # noqa: E402
 import bench_grpo  # noqa: E402
@@ -39,6 +40,7 @@ def main() -> None:
         + bench_generation.main()
         + bench_rl.main()
         + bench_grpo.main()
+        + bench_checkpoint.main()
     )
     out = HERE / "out"
     out.mkdir(exist_ok=True)

@@ -33,8 +33,10 @@ def run_job(
     script: Path = TESTS / "spmd_job.py",
     timeout: float = 180,
     env: dict | None = None,
+    torchrun_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
-    """Run ``script OUT_DIR CONFIG`` in one process (nproc=1) or under torchrun."""
+    """Run ``script OUT_DIR CONFIG`` in one process (nproc=1) or under torchrun (with
+    ``torchrun_args`` such as ``("--max-restarts", "1")``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.json"
     config_path.write_text(json.dumps(config))
@@ -44,6 +46,7 @@ def run_job(
     else:
         command = [
             *TORCHRUN,
+            *torchrun_args,
             "--nnodes",
             "1",
             "--nproc-per-node",

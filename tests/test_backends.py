@@ -60,3 +60,23 @@ def test_zero3_on_part_of_the_ranks_is_refused_with_the_fix(tmp_path):
     assert result.returncode != 0
     assert "models.trainer: zero_stage 3 on ranks [1, 2] of 3" in result.stderr
     assert "use zero_stage 1 or 2" in result.stderr
+
+
+def test_deepspeed_checkpoints_resume_exactly_and_only_on_their_world_size(tmp_path):
+    def checkpointed(out, episodes):
+        cfg = config("deepspeed", zero=2)
+        cfg["runtime"].update(num_episode=episodes, save_episode_interval=1,
+                              checkpoint_dir=str(out / "ckpt"))  # fmt: skip
+        return cfg
+
+    full_params, full_records = run(tmp_path / "full", checkpointed(tmp_path / "full", 4), 2)
+    run(tmp_path / "resumed", checkpointed(tmp_path / "resumed", 2), 2)
+    assert (tmp_path / "resumed" / "ckpt" / "episode_000002" / "deepspeed_trainer").is_dir()
+    params, recs = run(tmp_path / "resumed", checkpointed(tmp_path / "resumed", 4), 2)
+    assert losses(recs) == losses(full_records)
+    for name, tensor in full_params["trainer"].items():
+        assert torch.equal(params["trainer"][name], tensor), name
+    other = run_job(tmp_path / "resumed", checkpointed(tmp_path / "resumed", 5), nproc=1,
+                    script=TESTS / "ds_job.py", timeout=300)  # fmt: skip
+    assert other.returncode != 0
+    assert "the DeepSpeed state of trainer is split per rank" in other.stderr

@@ -210,13 +210,6 @@ def test_two_engines_with_the_same_module_names_in_one_process():
     assert same(weights(m1["ppo_policy"]), weights(m2["ppo_policy"]))
 
 
-def test_settings_without_effect_yet_are_reported(caplog):
-    flowgraph.init({"runtime": {**RUNTIME, "save_episode_interval": 1}})
-    engine, _ = rlhf_engine()
-    engine.learn()
-    assert "runtime.save_episode_interval (checkpointing) is set but has no effect" in caplog.text
-
-
 def test_deepspeed_backend_needs_a_deepspeed_module():
     flowgraph.init({"runtime": RUNTIME, "models": {"ppo_policy": {"backend": "deepspeed"}}})
     engine, _ = rlhf_engine()

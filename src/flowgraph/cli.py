@@ -6,6 +6,7 @@ flowc compile train.py --nodes 4 --gpus-per-node 8 --config train.yaml runtime.s
 flowc compile train.py --world-size 8 --json > plan.json  # the plan as JSON
 flowc compile train.py --world-size 8 --dot | dot -Tsvg > graph.svg
 flowc compile train.py --world-size 8 --png gantt.png     # Gantt chart of the schedule
+flowc report runs/ppo                                     # summary, curves, timeline of a run
 """
 
 from __future__ import annotations
@@ -83,7 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--svg", metavar="FILE", help="draw the schedule as a Gantt chart (SVG)")
     out.add_argument("--png", metavar="FILE", help="draw the schedule as a Gantt chart (PNG)")
     compile_.set_defaults(run=_compile)
+
+    report = commands.add_parser(
+        "report",
+        help="summarise a run from its log directory and draw its curves and timeline",
+        description="Print a run's episodes, throughput, median time per stage and the "
+        "first/last/min/max of every metric from RUN_DIR/metrics.jsonl; draw metrics.png "
+        "(reward, KL, loss curves) and, when the run had runtime.trace: true, timeline.png "
+        "(one row per rank, one bar per executed instruction, from RUN_DIR/trace.json).",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run's runtime.log_dir")
+    report.add_argument("--out", metavar="DIR", help="where to draw the PNGs (default RUN_DIR)")
+    report.add_argument("--no-plots", action="store_true", help="print the summary only")
+    report.set_defaults(run=_report)
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from flowgraph.report import summary, write_pictures
+
+    print(summary(args.run_dir))
+    if not args.no_plots:
+        for path in write_pictures(args.run_dir, args.out):
+            print(f"wrote {path}")
+    return 0
 
 
 def _trace(args: argparse.Namespace) -> int:

@@ -62,10 +62,19 @@ class RuntimeConfig(BaseModel):
         False, description="Also evaluate once before the first episode."
     )
     save_episode_interval: int = Field(
-        0, ge=0, description="Checkpoint after every N-th episode (0 = never)."
+        0,
+        ge=0,
+        description="Checkpoint after every N-th episode (0 = never); needs checkpoint_dir.",
     )
-    checkpoint_dir: str | None = Field(None, description="Where checkpoints are written.")
+    checkpoint_dir: str | None = Field(
+        None, description="Where checkpoints are written and resumed from."
+    )
     max_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept.")
+    resume: bool = Field(
+        True,
+        description="Resume from the newest checkpoint in checkpoint_dir when there is one "
+        "(false: start afresh; checkpoints then overwrite the old ones).",
+    )
     seed: int = Field(1234, description="Seed of data order and of every rank's RNGs.")
     colocation: list[list[str]] | Literal["auto"] = Field(
         default_factory=list,
@@ -90,10 +99,30 @@ class RuntimeConfig(BaseModel):
         256, ge=1, description="Size of the buckets that parameter sync broadcasts across meshes."
     )
     log_episodes: bool = Field(True, description="Print one line per episode.")
+    trace: bool = Field(
+        False,
+        description="Write a timeline of every rank's instructions to log_dir/trace.json "
+        "(Chrome trace format: open it in Perfetto or chrome://tracing).",
+    )
+    tensorboard: bool = Field(
+        True,
+        description="Also write the episode metrics to log_dir/tensorboard when the "
+        "tensorboard package is installed.",
+    )
     progress: bool = Field(True, description="Show a progress bar of the episodes (rank 0).")
 
     @model_validator(mode="after")
     def _batch_sizes_agree(self) -> RuntimeConfig:
+        if self.trace and not self.log_dir:
+            raise ValueError(
+                "trace=true writes log_dir/trace.json: set runtime.log_dir (e.g. "
+                "runtime.log_dir=runs/trace)"
+            )
+        if self.save_episode_interval and not self.checkpoint_dir:
+            raise ValueError(
+                f"save_episode_interval={self.save_episode_interval} needs a place to write: "
+                "set runtime.checkpoint_dir (e.g. runtime.checkpoint_dir=runs/ckpt)"
+            )
         global_bs = self.train_global_batch_size
         if global_bs is None:
             return self
@@ -300,31 +329,6 @@ def _section_model(section: list[str]) -> type[BaseModel] | None:
     return None
 
 
-# Settings that validate today but take effect only with a later part of flowgraph:
-# key -> the missing feature. learn() warns when one of them is set; the docs mark them.
-PENDING = {
-    "runtime.save_episode_interval": "checkpointing",
-    "runtime.checkpoint_dir": "checkpointing",
-    "runtime.max_checkpoints": "checkpointing",
-}
-
-
-def pending_settings(config: Config) -> list[str]:
-    """``key (feature)`` for every setting the user gave that has no effect yet."""
-    found = [
-        f"runtime.{key} ({PENDING['runtime.' + key]})"
-        for key in sorted(config.runtime.model_fields_set)
-        if f"runtime.{key}" in PENDING
-    ]
-    for name, model in config.models.items():
-        found += [
-            f"models.{name}.{key} ({PENDING['models.' + key]})"
-            for key in sorted(model.model_fields_set)
-            if f"models.{key}" in PENDING
-        ]
-    return found
-
-
 _current: Config | None = None
 
 
@@ -383,10 +387,7 @@ def reference_markdown() -> str:
         for key, info in model.model_fields.items():
             default = info.default_factory() if info.default_factory else info.default
             kind = _type_name(info.annotation).replace("|", "\\|")
-            section = "runtime" if model is RuntimeConfig else "models"
-            pending = PENDING.get(f"{section}.{key}")
-            note = f" *Not yet in effect: comes with {pending}.*" if pending else ""
-            out.append(f"| `{key}` | `{kind}` | `{default!r}` | {info.description}{note} |")
+            out.append(f"| `{key}` | `{kind}` | `{default!r}` | {info.description} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

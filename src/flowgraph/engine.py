@@ -27,7 +27,7 @@ from flowgraph.compiler.graph import TRAIN_METHOD, Graph
 from flowgraph.compiler.pipeline import Program, compile_plan
 from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
-from flowgraph.config import Config, current_config, pending_settings
+from flowgraph.config import Config, current_config
 from flowgraph.data import Batch, Dataset
 from flowgraph.errors import (
     ConfigError,
@@ -313,8 +313,6 @@ class Engine:
             raise EngineError(
                 "the Evaluator has no dataset: Evaluator(eval_flow).set_dataset(val_prompts)"
             )
-        for setting in pending_settings(config):
-            log.warning("%s is set but has no effect in this version of flowgraph", setting)
         trainable = set(self.trainable_models(config))
         for module in self.modules.values():
             effective_backend(module, config.model(module.name))

@@ -126,6 +126,14 @@ class ParameterSyncError(EngineError):
     """
 
 
+class CheckpointError(FlowgraphError):
+    """A checkpoint in ``runtime.checkpoint_dir`` that this run cannot resume from: written
+    by other flows, or by another number of ranks when its state is split per rank
+    (DeepSpeed). The message names the checkpoint; start afresh with ``runtime.resume=false``
+    or another ``checkpoint_dir``, or relaunch as it was written.
+    """
+
+
 class PlanError(FlowgraphError):
     """The compiler cannot place or schedule the flows on the given devices."""
 

@@ -42,6 +42,8 @@ _NOT_RECORDED = frozenset(
         "sync_parameters",
         "parameter_count",
         "deepspeed_config",
+        "checkpoint_state",
+        "load_checkpoint_state",
     }
 )
 
@@ -123,6 +125,15 @@ class BaseModule:
         """Evaluation on one micro-batch; defaults to ``forward_step``."""
         return self.forward_step(data)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this module: tensors, numbers, strings, lists and
+        dicts of them (loaded with ``weights_only=True``). Default: nothing; override with
+        ``load_checkpoint_state`` to keep more (a learning-rate scheduler, counters)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``checkpoint_state`` returned, after ``setup()``."""
+
     def map_sync_name(self, src_name: str) -> str | None:
         """Name of this module's parameter that receives source parameter ``src_name``
         in a parameter sync, or ``None`` to skip it. Default: the same name."""
@@ -185,6 +196,22 @@ class TorchModule(BaseModule):
     def parameter_count(self) -> int:
         """Number of parameters in ``self.model``."""
         return sum(t.numel() for _, t in self.sync_parameters())
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """``self.model``'s state dict (without a DDP wrapper) and ``self.optimizer``'s.
+        Subclasses that keep more call ``super()`` and add their keys."""
+        network = getattr(self.model, "module", self.model)
+        state: dict[str, Any] = {"model": network.state_dict() if network is not None else {}}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        network = getattr(self.model, "module", self.model)
+        if network is not None:
+            network.load_state_dict(state["model"])
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
 
 
 class DeepSpeedModule(TorchModule):

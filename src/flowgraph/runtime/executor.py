@@ -22,6 +22,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -35,9 +36,11 @@ from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.launch import DistContext, format_exception
 from flowgraph.runtime.local import Job
 from flowgraph.runtime.offload import Offload
+from flowgraph.runtime.resume import RunCheckpoints, save_checkpoint
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import CrossSync, SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, Reporter, StageTimer
+from flowgraph.runtime.timeline import Timeline, write_trace
 from flowgraph.runtime.transport import Outbox, all_gather_objects, recv_batch
 
 
@@ -92,6 +95,7 @@ class SpmdRunner:
         self.cross_syncs: dict[tuple[str, str], CrossSync] = {}
         self.offloads: dict[str, Offload] = {}
         self.timer = StageTimer()
+        self.timeline = Timeline(self.rank, self.runtime.trace)
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -160,12 +164,24 @@ class SpmdRunner:
     # -- the run -------------------------------------------------------------------------
     def run(self) -> list[EpisodeRecord]:
         self.setup()
+        self.checkpoints = RunCheckpoints(
+            self.job, self.rank, self.ctx.world_size, self.mesh, barrier=dist.barrier
+        )
+        start, history = self.checkpoints.restore(trainable=True)
         self._run_phase("sync", episode=0, every_pair=True)  # inference starts from trainers
-        if "eval" in self.phases and self.runtime.enable_eval_before_training:
+        self.checkpoints.restore(trainable=False)
+        if self.rank == 0:
+            self.history = history
+            self.reporter.restore(history)
+        if start == 0 and "eval" in self.phases and self.runtime.enable_eval_before_training:
             self._finish(self._episode(0, phases=("eval",)))
-        for episode in range(1, self.runtime.num_episode + 1):
+        for episode in range(start + 1, self.runtime.num_episode + 1):
             self._finish(self._episode(episode))
         self._teardown()
+        if self.runtime.trace:
+            parts = all_gather_objects(self.timeline.events, dist.group.WORLD)
+            if self.rank == 0:
+                write_trace(parts, Path(self.runtime.log_dir) / "trace.json")
         self.reporter.close()
         return self.history
 
@@ -218,11 +234,14 @@ class SpmdRunner:
                 continue
             if phase == "sync" and not (every_pair or self._sync_due(ins, episode)):
                 continue
+            names = [str(i) for i in run]
+            more = {"instructions": names} if len(run) > 1 else {}
             try:
-                if len(run) > 1:
-                    self._gather_waves(run)
-                else:
-                    self._execute(ins)
+                with self.timeline.slice(names[0], ins.op, phase=phase, episode=episode, **more):
+                    if len(run) > 1:
+                        self._gather_waves(run)
+                    else:
+                        self._execute(ins)
             except Exception as err:
                 self._fail(ins, err)
 
@@ -356,11 +375,11 @@ class SpmdRunner:
 
     # -- records and failures ------------------------------------------------------------
     def _finish(self, record: EpisodeRecord) -> None:
+        """Merge the ranks' stage times (slowest rank) and metrics (mean) into rank 0's
+        record, checkpoint when due (every rank), then report it (rank 0)."""
         parts = all_gather_objects(
             (record.stages, record.metrics), None if self.ctx.world_size == 1 else dist.group.WORLD
         )
-        if self.rank != 0:
-            return
         stages: dict[str, float] = {}
         sums: dict[str, list[float]] = defaultdict(list)
         for rank_stages, rank_metrics in parts:
@@ -371,8 +390,11 @@ class SpmdRunner:
                     sums[key].append(value)
         record.stages = stages
         record.metrics.update({k: sum(v) / len(v) for k, v in sums.items()})
-        self.history.append(record)
-        self.reporter.report(record)
+        if record.episode > 0 and self.checkpoints.due(record.episode):
+            save_checkpoint(self.checkpoints, record, self.history)
+        if self.rank == 0:
+            self.history.append(record)
+            self.reporter.report(record)
 
     def _teardown(self) -> None:
         for offload in self.offloads.values():

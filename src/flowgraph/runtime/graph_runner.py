@@ -20,6 +20,7 @@ from flowgraph.errors import DataError
 from flowgraph.module import BaseModule
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.telemetry import MetricAverager, StageTimer
+from flowgraph.runtime.timeline import Timeline
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class GraphRunner:
     def __init__(self, graph: Graph, modules: Mapping[str, BaseModule], stage: str) -> None:
         self.graph = graph
         self.stage = stage
+        self.timeline = Timeline(0, enabled=False)  # the one-process runner sets its own
         self.input_name = graph.input_node.name
         self.returned = graph.returned
         self.steps = [
@@ -75,7 +77,8 @@ class GraphRunner:
         if rng:
             seed, *where = rng
             reseed(seed, self.stage, step.node.name, *where)
-        with timer.stage(step.timer_key):
+        index = f"[mb{rng[-1]}]" if rng else ""
+        with timer.stage(step.timer_key), self._slice(f"RUN {step.node.target}{index}", rng):
             return self._call_chunked(step, data)
 
     def run_train(
@@ -107,12 +110,19 @@ class GraphRunner:
         if rng:
             seed, *where = rng
             reseed(seed, self.stage, step.node.name, *where)
-        with timer.stage(step.timer_key):
+        index = f"[step{rng[-1]}]" if rng else ""
+        name = (f"TRAIN {step.node.model}{index}" if step.node.method == TRAIN_METHOD
+                else f"RUN {step.node.target}{index}")  # fmt: skip
+        with timer.stage(step.timer_key), self._slice(name, rng):
             if step.node.method == TRAIN_METHOD:
                 result = self._call(step, per_micro)
                 metrics.add(step.module.name, result if isinstance(result, Mapping) else None)
                 return [None] * count
             return [self._call(step, mb) for mb in per_micro]
+
+    def _slice(self, name: str, rng: tuple):
+        episode = rng[1] if len(rng) > 1 else None
+        return self.timeline.slice(name, name.split()[0], phase=self.stage, episode=episode)
 
     @staticmethod
     def _merged_input(step: _Step, values: Mapping[str, Any]) -> Batch:

@@ -77,7 +77,12 @@ class DistContext:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            dist.init_process_group(self.backend, timeout=self.timeout)
+            store = _attempt_store(self.rank, self.world_size, self.timeout)
+            if store is None:
+                dist.init_process_group(self.backend, timeout=self.timeout)
+            else:
+                dist.init_process_group(self.backend, timeout=self.timeout, store=store,
+                                        rank=self.rank, world_size=self.world_size)  # fmt: skip
         install_clean_exit()
 
     def new_groups(self, rank_sets: Iterable[tuple[int, ...]]) -> None:
@@ -113,6 +118,22 @@ class DistContext:
         if dist.is_initialized():
             dist.destroy_process_group()
         self.groups.clear()
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """Under torchrun, the rendezvous store seen through a prefix of this restart attempt.
+
+    After ``torchrun --max-restarts`` restarts the workers, ``init_process_group`` on the
+    plain store finds the previous attempt's gloo addresses and times out connecting to
+    dead processes (torch 2.13); a prefix per attempt keeps the attempts apart.
+    """
+    env = os.environ
+    if "TORCHELASTIC_RESTART_COUNT" not in env or "MASTER_ADDR" not in env:
+        return None
+    hosted_by_agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
+                         is_master=rank == 0 and not hosted_by_agent, timeout=timeout)  # fmt: skip
+    return dist.PrefixStore(f"flowgraph/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", base)
 
 
 _uncaught = False

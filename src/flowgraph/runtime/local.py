@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flowgraph.compiler.graph import Graph
@@ -23,9 +24,11 @@ from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
 from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.offload import Offload
+from flowgraph.runtime.resume import RunCheckpoints, save_checkpoint
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, Reporter, StageTimer
+from flowgraph.runtime.timeline import Timeline, write_trace
 
 
 @dataclass
@@ -62,6 +65,10 @@ class LocalRunner:
         self.trainer = GraphRunner(job.trainer, job.modules, "train") if job.trainer else None
         self.evaluator = GraphRunner(job.eval.graph, job.modules, "eval") if job.eval else None
         self.reporter = Reporter(self.runtime, job.log)
+        self.timeline = Timeline(0, self.runtime.trace)
+        for runner in (self.env, self.trainer, self.evaluator):
+            if runner is not None:
+                runner.timeline = self.timeline
         self.sync_plans: list[SyncPlan] = []
         self.history: list[EpisodeRecord] = []
         self.offloads = {
@@ -76,18 +83,27 @@ class LocalRunner:
             module.setup()
             if module.trainable:
                 prepare(module, None, 1, self.runtime)
+        checkpoints = RunCheckpoints(self.job, 0, 1, {name: (0,) for name in self.job.modules})
+        start, self.history = checkpoints.restore(trainable=True)
         bucket_bytes = self.runtime.sync_bucket_mb * 2**20
         self.sync_plans = [SyncPlan.build(s, d, bucket_bytes) for s, d in self.job.syncs]
         for plan in self.sync_plans:
             plan.apply()  # inference copies start from the trainer's weights
-        if self.evaluator and self.runtime.enable_eval_before_training:
+        checkpoints.restore(trainable=False)
+        self.reporter.restore(self.history)
+        if start == 0 and self.evaluator and self.runtime.enable_eval_before_training:
             record = self._new_record(0)
             self._evaluate(record)
             self._finish(record)
-        for episode in range(1, self.runtime.num_episode + 1):
-            self._finish(self.run_episode(episode))
+        for episode in range(start + 1, self.runtime.num_episode + 1):
+            record = self.run_episode(episode)
+            if checkpoints.due(episode):
+                save_checkpoint(checkpoints, record, self.history)
+            self._finish(record)
         for offload in self.offloads.values():
             offload.load()
+        if self.runtime.trace:
+            write_trace([self.timeline.events], Path(self.runtime.log_dir) / "trace.json")
         self.reporter.close()
         return self.history
 
@@ -107,7 +123,9 @@ class LocalRunner:
             synced = [name for p in due for name in (p.src, p.dst)]
             with timer.stage("sync"), self._resident(synced, timer, "sync"):
                 for plan in due:
-                    plan.apply()
+                    with self.timeline.slice(f"SYNC {plan.src}->{plan.dst}", "SYNC",
+                                             phase="sync", episode=episode):  # fmt: skip
+                        plan.apply()
                     if self.runtime.validate_sync:
                         plan.validate()
         record.stages.update(timer.seconds)

@@ -101,7 +101,7 @@ class EpisodeRecord:
                 f"episode {self.episode}/{self.num_episode}",
                 f"{self.samples} samples {rate:.0f}/s",
             ]
-        for stage in ("env", "train", "sync", "eval"):
+        for stage in ("env", "train", "sync", "eval", "checkpoint"):
             if stage not in self.stages:
                 continue
             detail = ", ".join(
@@ -113,6 +113,12 @@ class EpisodeRecord:
             parts.append(f"{text} ({detail})" if detail else text)
         parts.extend(f"{k} {v:.4g}" for k, v in sorted(self.metrics.items()))
         return " | ".join(parts)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], num_episode: int) -> EpisodeRecord:
+        """The record that ``to_json`` wrote (as a checkpoint keeps it)."""
+        return cls(data["episode"], num_episode, data["samples"],
+                   dict(data["stages"]), dict(data["metrics"]))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,9 +136,13 @@ class MetricsLog:
 
     def __init__(self, log_dir: str | None) -> None:
         self.path = Path(log_dir) / "metrics.jsonl" if log_dir else None
+        self.restart()
+
+    def restart(self) -> None:
+        """An empty file (a new run starts a new one)."""
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")  # a new run starts a new file
+            self.path.write_text("")
 
     def write(self, record: EpisodeRecord) -> None:
         if self.path is None:
@@ -141,13 +151,57 @@ class MetricsLog:
             f.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
 
 
+class TensorBoard:
+    """Episode metrics and stage times as TensorBoard scalars in ``log_dir/tensorboard``
+    (when the ``tensorboard`` package is installed and ``runtime.tensorboard`` is on)."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.directory = Path(log_dir) / "tensorboard" if log_dir else None
+        self.writer = None
+        self.purge_step: int | None = None
+
+    def resume_after(self, episode: int) -> None:
+        """Events of episodes after ``episode`` (an interrupted attempt's) are dropped."""
+        self.purge_step = episode + 1 if episode else None
+
+    def _open(self):
+        if self.writer is None and self.directory is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.info("flowgraph: tensorboard is not installed; metrics go to JSONL only")
+                self.directory = None
+                return None
+            self.writer = SummaryWriter(str(self.directory), purge_step=self.purge_step)
+        return self.writer
+
+    def write(self, record: EpisodeRecord) -> None:
+        writer = self._open()
+        if writer is None:
+            return
+        for key, value in record.metrics.items():
+            writer.add_scalar(key, value, record.episode)
+        for key, seconds in record.stages.items():
+            writer.add_scalar(f"time/{key}", seconds, record.episode)
+        if record.episode > 0 and record.seconds > 0:
+            writer.add_scalar("time/samples_per_second", record.samples / record.seconds,
+                              record.episode)  # fmt: skip
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 class Reporter:
-    """Where finished episodes go on rank 0: ``metrics.jsonl``, the episode line, a
-    progress bar (``runtime.progress``), and at the end a plot ``metrics.png`` of the
-    reward, KL and loss curves beside the JSONL file (when matplotlib is installed)."""
+    """Where finished episodes go on rank 0: ``metrics.jsonl``, TensorBoard (when
+    installed), the episode line, a progress bar (``runtime.progress``), and at the end a
+    plot ``metrics.png`` of the reward, KL and loss curves beside the JSONL file (when
+    matplotlib is installed)."""
 
     def __init__(self, runtime: RuntimeConfig, log: Any, enabled: bool = True) -> None:
         self.metrics_log = MetricsLog(runtime.log_dir if enabled else None)
+        self.board = TensorBoard(runtime.log_dir if enabled and runtime.tensorboard else None)
         self.log = log if enabled and runtime.log_episodes else None
         self.bar = tqdm(
             total=runtime.num_episode,
@@ -158,8 +212,18 @@ class Reporter:
             disable=not (enabled and runtime.progress),
         )
 
+    def restore(self, history: list[EpisodeRecord]) -> None:
+        """Start from a resumed run's records: metrics.jsonl holds exactly them again
+        (dropping episodes the interrupted run did after its last checkpoint)."""
+        self.metrics_log.restart()
+        for record in history:
+            self.metrics_log.write(record)
+        self.board.resume_after(max((r.episode for r in history), default=0))
+        self.bar.update(sum(1 for r in history if r.episode > 0))
+
     def report(self, record: EpisodeRecord) -> None:
         self.metrics_log.write(record)
+        self.board.write(record)
         if self.log is not None:
             with tqdm.external_write_mode(file=sys.stderr):
                 self.log(str(record))
@@ -170,6 +234,7 @@ class Reporter:
 
     def close(self) -> None:
         self.bar.close()
+        self.board.close()
         path = self.metrics_log.path
         if path is None or not path.exists():
             return

@@ -1,0 +1,261 @@
+"""Checkpoints: atomic save every ``save_episode_interval`` episodes, automatic resume.
+
+Layout of ``runtime.checkpoint_dir``::
+
+    episode_000004/            one finished checkpoint
+      meta.json                episode, world size, flow fingerprint, config, file sizes,
+                               the episode records so far (metrics.jsonl is rebuilt from them)
+      model_<name>.pt          weights and optimizer state of a model (written by the first
+                               rank of its mesh), or deepspeed_<name>/ (DeepSpeed's own
+                               per-rank format)
+      rng_rank<r>.pt           Python, NumPy, torch and CUDA RNG states of rank r
+    latest                     the name of the newest finished checkpoint
+
+A checkpoint is written into ``episode_000004.tmp/``: every file fsynced, then
+``meta.json`` (listing every file and its size), then the directory renamed, then
+``latest`` replaced. A process killed at any moment leaves either the previous checkpoint
+or the new one, never half of one. On resume the newest checkpoint whose files are all
+present with their recorded sizes is loaded; a truncated or missing file makes it skipped
+with a warning in favour of the one before. Files load with ``torch.load(weights_only=True)``.
+
+What is kept: every trainable model, and every inference model that the parameter sync
+at that episode does not recompute (a reference, a reward model, a copy whose
+``sync_frequency`` was not due). Data order and sampling are functions of (seed, episode)
+(``flowgraph.runtime.rng``), so the episode counter is the data position, and a resumed
+run repeats exactly what the uninterrupted run would have done.
+
+Example::
+
+    >>> store = CheckpointStore("/tmp/ckpt-doctest", keep=2)
+    >>> store.directory.name
+    'ckpt-doctest'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowgraph.errors import CheckpointError
+
+log = logging.getLogger("flowgraph")
+FORMAT = 1
+PREFIX = "episode_"
+
+
+@dataclass
+class Checkpoint:
+    """A finished checkpoint on disk and what its ``meta.json`` says."""
+
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def episode(self) -> int:
+        return int(self.meta["episode"])
+
+    def __str__(self) -> str:
+        return (
+            f"checkpoint {self.path} (episode {self.episode}, "
+            f"{self.meta['world_size']} rank(s), {len(self.meta['files'])} files)"
+        )
+
+    def load(self, name: str) -> Any:
+        """The object saved as ``name`` (e.g. ``model_policy.pt``), tensors on the CPU."""
+        return torch.load(self.path / name, map_location="cpu", weights_only=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(root: Path) -> dict[str, int]:
+    """Every file under ``root`` (relative name -> size in bytes)."""
+    return {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "meta.json"
+    }
+
+
+def save_object(obj: Any, path: Path) -> None:
+    """``torch.save`` then fsync: the bytes are on disk when this returns."""
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain values (``weights_only``-loadable)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if "numpy" in sys.modules:
+        kind, keys, pos, has_gauss, cached = sys.modules["numpy"].random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state and "numpy" in sys.modules:
+        np = sys.modules["numpy"]
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointStore:
+    """Writes and finds checkpoints in ``directory``; one per rank of a run.
+
+    ``barrier`` synchronises the ranks (a no-op in one process); rank 0 creates the
+    temporary directory, publishes it and prunes old checkpoints beyond ``keep``.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        keep: int,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.keep, self.rank, self.world_size, self.barrier = keep, rank, world_size, barrier
+
+    # -- saving ------------------------------------------------------------------------
+    def save(
+        self,
+        episode: int,
+        write_files: Callable[[Path], None],
+        meta: dict[str, Any],
+    ) -> Path:
+        """Checkpoint ``episode``: every rank's ``write_files(tmp_dir)`` writes its files,
+        then rank 0 publishes them with ``meta`` (plus episode, world size and file sizes)."""
+        final = self.directory / f"{PREFIX}{episode:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+            tmp.mkdir()
+        self.barrier()
+        write_files(tmp)
+        self.barrier()
+        if self.rank == 0:
+            meta = {**meta, "format": FORMAT, "episode": episode,
+                    "world_size": self.world_size, "files": _files(tmp)}  # fmt: skip
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            _fsync_file(tmp / "meta.json")
+            _fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._point_latest(final.name)
+            self._prune()
+        self.barrier()
+        return final
+
+    def _point_latest(self, name: str) -> None:
+        pointer = self.directory / "latest.tmp"
+        pointer.write_text(name + "\n")
+        _fsync_file(pointer)
+        os.replace(pointer, self.directory / "latest")
+        _fsync_dir(self.directory)
+
+    def _prune(self) -> None:
+        for old in self._finished()[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- finding -----------------------------------------------------------------------
+    def _finished(self) -> list[Path]:
+        """Checkpoint directories, newest episode first (unfinished ``.tmp`` ones left out)."""
+        if not self.directory.is_dir():
+            return []
+        found = [
+            p
+            for p in self.directory.iterdir()
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+        ]
+        return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
+
+    def newest_valid(self) -> Checkpoint | None:
+        """The newest complete checkpoint; damaged ones are skipped with a warning."""
+        for path in self._finished():
+            problem = _damage(path)
+            if problem is None:
+                return Checkpoint(path, json.loads((path / "meta.json").read_text()))
+            if self.rank == 0:
+                log.warning("flowgraph: skipping damaged checkpoint %s: %s", path, problem)
+        return None
+
+
+def _damage(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be used, or ``None``."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"meta.json unreadable ({type(err).__name__}: {err})"
+    if meta.get("format") != FORMAT:
+        return f"format {meta.get('format')!r}, this flowgraph reads {FORMAT}"
+    for name, size in meta["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written (truncated)"
+    return None
+
+
+def check_compatible(
+    checkpoint: Checkpoint, fingerprint: str, world_size: int, per_rank_models: Iterable[str]
+) -> None:
+    """Refuse a checkpoint of another flow, or of another world size when some of its
+    state is split per rank (DeepSpeed); replicated state resumes on any world size."""
+    if checkpoint.meta["fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{checkpoint} was written by different flows or models than this run "
+            f"(fingerprint {checkpoint.meta['fingerprint']}, now {fingerprint}): resuming "
+            "would load weights into the wrong models. Restore the flows, or start afresh "
+            "with runtime.resume=false or another runtime.checkpoint_dir"
+        )
+    written = checkpoint.meta["world_size"]
+    split = sorted(per_rank_models)
+    if written != world_size and split:
+        raise CheckpointError(
+            f"{checkpoint} was written by {written} rank(s) and this run has {world_size}; "
+            f"the DeepSpeed state of {', '.join(split)} is split per rank and cannot be "
+            f"re-sharded. Relaunch with {written} rank(s) (torchrun --nproc-per-node "
+            f"{written}), or start afresh with runtime.resume=false or another "
+            "runtime.checkpoint_dir"
+        )
+    if written != world_size:
+        log.warning(
+            "flowgraph: resuming %s on %d rank(s): every model's state is replicated, so it "
+            "is re-sharded as it loads",
+            checkpoint,
+            world_size,
+        )

@@ -1,0 +1,156 @@
+"""What a run saves at a checkpoint and restores when it resumes (both runners use it).
+
+``RunCheckpoints.restore`` is called twice at the start of ``learn()``: for the trainable
+models before the first parameter sync (so that the inference copies start from the
+resumed trainers), and for the saved inference models after it (so that a copy the sync
+did not recompute gets its own saved weights back).
+
+Example::
+
+    checkpoints = RunCheckpoints(job, rank=0, world_size=1, mesh={"policy": (0,)})
+    start, history = checkpoints.restore(trainable=True)   # (0, []) on a fresh run
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flowgraph.module import BaseModule, DeepSpeedModule
+from flowgraph.runtime.checkpoint import (
+    Checkpoint,
+    CheckpointStore,
+    check_compatible,
+    rng_state,
+    save_object,
+    set_rng_state,
+)
+from flowgraph.runtime.telemetry import EpisodeRecord
+
+if TYPE_CHECKING:  # local.py imports this module
+    from flowgraph.runtime.local import Job
+
+
+def flow_fingerprint(job: Job) -> str:
+    """A hash of what the flows call and which models train and sync (not source lines:
+    editing a comment above a flow does not invalidate checkpoints)."""
+    parts = []
+    graphs = {"env": job.env, "train": job.trainer, "eval": job.eval and job.eval.graph}
+    for name, graph in graphs.items():
+        if graph is not None:
+            parts.append(name + ":" + ";".join(str(node) for node in graph))
+    models = sorted(job.modules.items())
+    parts.append("models:" + ",".join(f"{n}={int(m.trainable)}" for n, m in models))
+    parts.append("syncs:" + ",".join(f"{s.name}->{d.name}" for s, d in job.syncs))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(
+    checkpoints: RunCheckpoints, record: EpisodeRecord, history: list[EpisodeRecord]
+) -> None:
+    """Checkpoint after ``record``'s episode, its time in the record's ``checkpoint`` stage."""
+    start = time.perf_counter()
+    checkpoints.save(record.episode, [*history, record])
+    record.stages["checkpoint"] = time.perf_counter() - start
+
+
+def _per_rank(module: BaseModule) -> bool:
+    """Whether the module's checkpoint is DeepSpeed's own, one part per rank."""
+    return isinstance(module, DeepSpeedModule) and module.engine is not None
+
+
+class RunCheckpoints:
+    """Checkpointing of one rank of a run: which models it writes and loads, when."""
+
+    def __init__(
+        self,
+        job: Job,
+        rank: int,
+        world_size: int,
+        mesh: Mapping[str, tuple[int, ...]],
+        barrier: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.job, self.rank, self.world_size, self.mesh = job, rank, world_size, mesh
+        runtime = job.config.runtime
+        self.interval = runtime.save_episode_interval
+        self.store = None
+        if runtime.checkpoint_dir:
+            self.store = CheckpointStore(
+                runtime.checkpoint_dir, runtime.max_checkpoints, rank, world_size, barrier
+            )
+        self.fingerprint = flow_fingerprint(job)
+        self.resumed: Checkpoint | None = None
+        if self.store is not None and runtime.resume:
+            self.resumed = self.store.newest_valid()
+
+    def hosted(self, name: str) -> bool:
+        return self.rank in self.mesh[name]
+
+    # -- saving ------------------------------------------------------------------------
+    def due(self, episode: int) -> bool:
+        return bool(self.store and self.interval and episode % self.interval == 0)
+
+    def saved_models(self, episode: int) -> list[str]:
+        """Trainable models, and inference models that this episode's sync did not just
+        recompute from a trainer."""
+        synced = {
+            dst.name
+            for _, dst in self.job.syncs
+            if episode % self.job.config.model(dst.name).sync_frequency == 0
+        }
+        return [n for n, m in self.job.modules.items() if m.trainable or n not in synced]
+
+    def save(self, episode: int, history: list[EpisodeRecord]) -> Path:
+        names = self.saved_models(episode)
+
+        def write_files(directory: Path) -> None:
+            for name in names:
+                module = self.job.modules[name]
+                if not self.hosted(name):
+                    continue
+                if _per_rank(module):
+                    module.engine.save_checkpoint(str(directory / f"deepspeed_{name}"),
+                                                  tag="state", save_latest=False)  # fmt: skip
+                elif self.rank == self.mesh[name][0]:
+                    save_object(module.checkpoint_state(), directory / f"model_{name}.pt")
+            save_object(rng_state(), directory / f"rng_rank{self.rank}.pt")
+
+        meta = {
+            "fingerprint": self.fingerprint,
+            "models": names,
+            "data": {"episode": episode, "seed": self.job.config.runtime.seed},
+            "config": self.job.config.model_dump(mode="json"),
+            "history": [r.to_json() for r in history],
+        }
+        return self.store.save(episode, write_files, meta)
+
+    # -- resuming ----------------------------------------------------------------------
+    def restore(self, trainable: bool) -> tuple[int, list[EpisodeRecord]]:
+        """Load the resumed checkpoint's trainable (or inference) models hosted here;
+        returns the episode to continue after and the episode records so far."""
+        checkpoint = self.resumed
+        if checkpoint is None:
+            return 0, []
+        per_rank = [n for n, m in self.job.modules.items() if _per_rank(m)]
+        check_compatible(checkpoint, self.fingerprint, self.world_size, per_rank)
+        if trainable and self.rank == 0:
+            self.job.log(f"flowgraph: resuming from {checkpoint}")
+        for name in checkpoint.meta["models"]:
+            module = self.job.modules[name]
+            if module.trainable != trainable or not self.hosted(name):
+                continue
+            if _per_rank(module):
+                directory = str(checkpoint.path / f"deepspeed_{name}")
+                module.engine.load_checkpoint(directory, tag="state")
+            else:
+                module.load_checkpoint_state(checkpoint.load(f"model_{name}.pt"))
+        if trainable:
+            own = f"rng_rank{self.rank}.pt"
+            if own in checkpoint.meta["files"]:
+                set_rng_state(checkpoint.load(own))
+        history = [EpisodeRecord.from_json(r, self.job.config.runtime.num_episode)
+                   for r in checkpoint.meta["history"]]  # fmt: skip
+        return checkpoint.episode, history
