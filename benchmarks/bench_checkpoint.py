@@ -76,15 +76,21 @@ def flowgraph_load(root: Path) -> dict:
     return {file: checkpoint.load(file) for file in checkpoint.meta["files"]}
 
 
-def raw_save(states: dict, root: Path, fsync: bool) -> None:
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+def raw_save(states: dict, root: Path, episode: int, fsync: bool) -> Path:
+    """``torch.save`` of every state into a new directory, then the previous one deleted:
+    the disk holds two checkpoints for a while, as it does for flowgraph."""
+    directory = root / f"{episode:06d}-{int(fsync)}"
+    directory.mkdir(parents=True)
     for name, state in states.items():
-        path = root / f"{name}.pt"
+        path = directory / f"{name}.pt"
         torch.save(state, path)
         if fsync:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+    for old in root.iterdir():
+        if old != directory:
+            shutil.rmtree(old)
+    return directory
 
 
 def raw_load(root: Path) -> dict:
@@ -109,9 +115,9 @@ def compare(label: str, states: dict) -> list[dict]:
             times["ours_load"].append(timed(lambda: flowgraph_load(ours_dir)))
 
         def raw() -> None:
-            times["raw"].append(timed(lambda: raw_save(states, raw_dir, fsync=False)))
-            times["raw_load"].append(timed(lambda: raw_load(raw_dir)))
-            times["raw_fsync"].append(timed(lambda: raw_save(states, raw_dir, fsync=True)))
+            times["raw_fsync"].append(timed(lambda: raw_save(states, raw_dir, episode, True)))
+            times["raw_load"].append(timed(lambda: raw_load(next(raw_dir.iterdir()))))
+            times["raw"].append(timed(lambda: raw_save(states, raw_dir, episode, False)))
 
         # Each load right after its own save (both from the page cache); sides alternate.
         for episode in range(1, REPEATS + 1):

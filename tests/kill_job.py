@@ -1,7 +1,8 @@
 """tests/spmd_job.py with a fault: on torchrun's first attempt, rank KILL_RANK kills
 itself with SIGKILL just before its KILL_AT-th instruction (FLOWGRAPH_TEST_KILL_RANK,
-FLOWGRAPH_TEST_KILL_AT); the restarted attempt runs clean. Also saves every trainer's
-checkpoint state (weights and optimizer) to OUT_DIR/trainers.pt on rank 0.
+FLOWGRAPH_TEST_KILL_AT), or, with FLOWGRAPH_TEST_KILL_IN_SAVE=E, right after writing its
+first file of the checkpoint of episode E; the restarted attempt runs clean. Also saves
+every trainer's checkpoint state (weights and optimizer) to OUT_DIR/trainers.pt on rank 0.
 
     torchrun --max-restarts 1 --nproc-per-node 2 tests/kill_job.py OUT_DIR CONFIG_JSON
 """
@@ -15,7 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import spmd_job  # noqa: E402
+from flowgraph.runtime import resume  # noqa: E402
 from flowgraph.runtime.executor import SpmdRunner  # noqa: E402
+
+
+def die(where: str) -> None:
+    with open(os.path.join(sys.argv[1], "killed.txt"), "w") as marker:
+        marker.write(f"rank {os.environ['RANK']} {where}")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def arm() -> None:
@@ -23,15 +31,24 @@ def arm() -> None:
     victim = os.environ.get("FLOWGRAPH_TEST_KILL_RANK")
     if victim is None or not first_attempt or os.environ.get("RANK") != victim:
         return
+    if "FLOWGRAPH_TEST_KILL_IN_SAVE" in os.environ:
+        episode_dir = f"episode_{int(os.environ['FLOWGRAPH_TEST_KILL_IN_SAVE']):06d}.tmp"
+        save_object = resume.save_object
+
+        def save_then_die(obj, path):
+            save_object(obj, path)
+            if path.parent.name == episode_dir:
+                die(f"after writing {path.name} (episode {episode_dir[8:14].lstrip('0')})")
+
+        resume.save_object = save_then_die
+        return
     kill_at, executed = int(os.environ["FLOWGRAPH_TEST_KILL_AT"]), [0]
     execute = SpmdRunner._execute
 
     def execute_or_die(self, ins):
         executed[0] += 1
         if executed[0] == kill_at:
-            with open(os.path.join(sys.argv[1], "killed.txt"), "w") as marker:
-                marker.write(f"rank {os.environ['RANK']} before `{ins}` (episode {self.episode})")
-            os.kill(os.getpid(), signal.SIGKILL)
+            die(f"before `{ins}` (episode {self.episode})")
         return execute(self, ins)
 
     SpmdRunner._execute = execute_or_die

@@ -60,6 +60,37 @@ def test_a_truncated_file_is_skipped_with_a_warning(tmp_path, caplog):
     assert "model_a.pt has 40 bytes, 100 were written (truncated)" in caplog.text
 
 
+def test_checksums_catch_a_flipped_bit_that_the_size_check_cannot(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3, checksums=True)
+    store.save(1, lambda d: torch.save({"w": torch.zeros(1000)}, d / "model_a.pt"), {})
+    checkpoint = store.newest_valid()
+    assert set(checkpoint.meta["crc32"]) == {"model_a.pt"}
+    path = checkpoint.path / "model_a.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor bytes: torch.load would not notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model_a.pt fails its CRC32 check"):
+        checkpoint.load("model_a.pt")
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    checkpoints = [f"runtime.checkpoint_dir={tmp_path / 'ckpt'}", "runtime.save_episode_interval=1",
+                   "runtime.checkpoint_checksums=true"]  # fmt: skip
+    ppo, full = ppo_run(tmp_path / "full", 3)
+    expected = ppo.ppo_policy.checkpoint_state()
+    ppo_run(tmp_path / "resumed", 2, *checkpoints)
+    path = tmp_path / "ckpt" / "episode_000002" / "model_ppo_policy.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="flowgraph"):
+        ppo, resumed = ppo_run(tmp_path / "resumed", 3, *checkpoints)
+    assert "fails its CRC32 check" in caplog.text
+    assert "skipping damaged checkpoint" in caplog.text
+    assert [r.metrics for r in resumed] == [r.metrics for r in full]
+    assert same(ppo.ppo_policy.checkpoint_state(), expected)
+
+
 def test_checkpoints_of_other_flows_or_split_state_on_other_world_sizes_are_refused(tmp_path):
     checkpoint = Checkpoint(tmp_path, {"episode": 4, "world_size": 2, "fingerprint": "aaa",
                                        "files": {}})  # fmt: skip
@@ -69,6 +100,10 @@ def test_checkpoints_of_other_flows_or_split_state_on_other_world_sizes_are_refu
                        r"DeepSpeed state of ppo_policy.*--nproc-per-node 2"):  # fmt: skip
         check_compatible(checkpoint, "aaa", 4, ["ppo_policy"])
     check_compatible(checkpoint, "aaa", 4, [])  # replicated state: re-sharded as it loads
+    checkpoint.meta["plan_hash"] = "p1"
+    with pytest.raises(CheckpointError, match="written under another placement"):
+        check_compatible(checkpoint, "aaa", 2, ["ppo_policy"], plan_hash="p2")
+    check_compatible(checkpoint, "aaa", 2, [], plan_hash="p2")
 
 
 def test_an_interval_without_a_directory_is_a_config_error():
@@ -191,6 +226,23 @@ def test_a_rank_killed_mid_episode_is_restarted_and_resumes_exactly(tmp_path, un
     expected = hosted_parameters(uninterrupted)
     for model, params in hosted_parameters(tmp_path).items():
         assert same(params, expected[model]), model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_killed_while_writing_a_checkpoint_resumes_from_the_one_before(
+    tmp_path, uninterrupted, rank
+):
+    fault = {"FLOWGRAPH_TEST_KILL_RANK": str(rank), "FLOWGRAPH_TEST_KILL_IN_SAVE": "2"}
+    result = run_job(tmp_path, job_config(tmp_path, timeout_s=20), nproc=2,
+                     script=Path(__file__).parent / "kill_job.py", env=fault,
+                     torchrun_args=("--max-restarts", "1"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(episode 2)" in (tmp_path / "killed.txt").read_text()
+    assert f"resuming from checkpoint {tmp_path / 'ckpt' / 'episode_000001'} " in result.stdout
+    assert metrics_lines(tmp_path / "log") == metrics_lines(uninterrupted / "log")
+    trainers = torch.load(tmp_path / "trainers.pt", weights_only=True)
+    assert same(trainers, torch.load(uninterrupted / "trainers.pt", weights_only=True))
 
 
 @pytest.mark.slow

@@ -70,6 +70,11 @@ class RuntimeConfig(BaseModel):
         None, description="Where checkpoints are written and resumed from."
     )
     max_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept.")
+    checkpoint_checksums: bool = Field(
+        False,
+        description="Record every checkpoint file's CRC32 and check it before loading "
+        "(catches bit flips that a size check cannot; costs a pass over the bytes).",
+    )
     resume: bool = Field(
         True,
         description="Resume from the newest checkpoint in checkpoint_dir when there is one "

@@ -15,8 +15,11 @@ A checkpoint is written into ``episode_000004.tmp/``: every file fsynced, then
 ``meta.json`` (listing every file and its size), then the directory renamed, then
 ``latest`` replaced. A process killed at any moment leaves either the previous checkpoint
 or the new one, never half of one. On resume the newest checkpoint whose files are all
-present with their recorded sizes is loaded; a truncated or missing file makes it skipped
-with a warning in favour of the one before. Files load with ``torch.load(weights_only=True)``.
+present with their recorded sizes, and that every rank can read, is loaded; a truncated,
+missing or unreadable file makes it skipped with a warning in favour of the one before.
+With ``runtime.checkpoint_checksums`` every file's CRC32 is recorded and checked too
+(bit flips inside tensor data otherwise load silently). Files load with
+``torch.load(weights_only=True)``.
 
 What is kept: every trainable model, and every inference model that the parameter sync
 at that episode does not recompute (a reference, a reward model, a copy whose
@@ -39,7 +42,8 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +75,11 @@ class Checkpoint:
         )
 
     def load(self, name: str) -> Any:
-        """The object saved as ``name`` (e.g. ``model_policy.pt``), tensors on the CPU."""
+        """The object saved as ``name`` (e.g. ``model_policy.pt``), tensors on the CPU;
+        checked against its CRC32 first when the checkpoint recorded one."""
+        expected = self.meta.get("crc32", {}).get(name)
+        if expected is not None and crc32(self.path / name) != expected:
+            raise CheckpointError(f"{self.path / name} fails its CRC32 check (corrupted)")
         return torch.load(self.path / name, map_location="cpu", weights_only=True)
 
 
@@ -95,6 +103,14 @@ def _files(root: Path) -> dict[str, int]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != "meta.json"
     }
+
+
+def crc32(path: Path) -> int:
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            value = zlib.crc32(chunk, value)
+    return value
 
 
 def save_object(obj: Any, path: Path) -> None:
@@ -144,9 +160,11 @@ class CheckpointStore:
         rank: int = 0,
         world_size: int = 1,
         barrier: Callable[[], None] = lambda: None,
+        checksums: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.keep, self.rank, self.world_size, self.barrier = keep, rank, world_size, barrier
+        self.checksums = checksums
 
     # -- saving ------------------------------------------------------------------------
     def save(
@@ -167,8 +185,11 @@ class CheckpointStore:
         write_files(tmp)
         self.barrier()
         if self.rank == 0:
+            files = _files(tmp)
             meta = {**meta, "format": FORMAT, "episode": episode,
-                    "world_size": self.world_size, "files": _files(tmp)}  # fmt: skip
+                    "world_size": self.world_size, "files": files}  # fmt: skip
+            if self.checksums:
+                meta["crc32"] = {name: crc32(tmp / name) for name in files}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             _fsync_file(tmp / "meta.json")
             _fsync_dir(tmp)
@@ -202,15 +223,21 @@ class CheckpointStore:
         ]
         return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
-    def newest_valid(self) -> Checkpoint | None:
-        """The newest complete checkpoint; damaged ones are skipped with a warning."""
+    def candidates(self) -> Iterator[Checkpoint]:
+        """Complete checkpoints, newest first; damaged ones are skipped with a warning."""
         for path in self._finished():
             problem = _damage(path)
             if problem is None:
-                return Checkpoint(path, json.loads((path / "meta.json").read_text()))
-            if self.rank == 0:
-                log.warning("flowgraph: skipping damaged checkpoint %s: %s", path, problem)
-        return None
+                yield Checkpoint(path, json.loads((path / "meta.json").read_text()))
+            else:
+                self.warn_skipped(path, problem)
+
+    def newest_valid(self) -> Checkpoint | None:
+        return next(self.candidates(), None)
+
+    def warn_skipped(self, path: Path, problem: str) -> None:
+        if self.rank == 0:
+            log.warning("flowgraph: skipping damaged checkpoint %s: %s", path, problem)
 
 
 def _damage(path: Path) -> str | None:
@@ -231,10 +258,14 @@ def _damage(path: Path) -> str | None:
 
 
 def check_compatible(
-    checkpoint: Checkpoint, fingerprint: str, world_size: int, per_rank_models: Iterable[str]
+    checkpoint: Checkpoint,
+    fingerprint: str,
+    world_size: int,
+    per_rank_models: Iterable[str],
+    plan_hash: str | None = None,
 ) -> None:
-    """Refuse a checkpoint of another flow, or of another world size when some of its
-    state is split per rank (DeepSpeed); replicated state resumes on any world size."""
+    """Refuse a checkpoint of another flow, or of another world size or placement when
+    some of its state is split per rank (DeepSpeed); replicated state resumes anywhere."""
     if checkpoint.meta["fingerprint"] != fingerprint:
         raise CheckpointError(
             f"{checkpoint} was written by different flows or models than this run "
@@ -251,6 +282,14 @@ def check_compatible(
             f"re-sharded. Relaunch with {written} rank(s) (torchrun --nproc-per-node "
             f"{written}), or start afresh with runtime.resume=false or another "
             "runtime.checkpoint_dir"
+        )
+    written_plan = checkpoint.meta.get("plan_hash")
+    if split and plan_hash and written_plan and written_plan != plan_hash:
+        raise CheckpointError(
+            f"{checkpoint} was written under another placement (plan {written_plan}, now "
+            f"{plan_hash}); the DeepSpeed state of {', '.join(split)} is split per rank and "
+            "needs the same meshes. Restore the placement settings (models.<name>.num_gpu, "
+            "runtime.colocation), or start afresh with runtime.resume=false"
         )
     if written != world_size:
         log.warning(

@@ -165,8 +165,10 @@ class SpmdRunner:
     def run(self) -> list[EpisodeRecord]:
         self.setup()
         self.checkpoints = RunCheckpoints(
-            self.job, self.rank, self.ctx.world_size, self.mesh, barrier=dist.barrier
-        )
+            self.job, self.rank, self.ctx.world_size, self.mesh, barrier=dist.barrier,
+            agree=lambda ok: all(all_gather_objects(ok, dist.group.WORLD)),
+            plan_hash=self.plan.hash(),
+        )  # fmt: skip
         start, history = self.checkpoints.restore(trainable=True)
         self._run_phase("sync", episode=0, every_pair=True)  # inference starts from trainers
         self.checkpoints.restore(trainable=False)

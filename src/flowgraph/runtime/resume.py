@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +30,8 @@ from flowgraph.runtime.checkpoint import (
     set_rng_state,
 )
 from flowgraph.runtime.telemetry import EpisodeRecord
+
+log = logging.getLogger("flowgraph")
 
 if TYPE_CHECKING:  # local.py imports this module
     from flowgraph.runtime.local import Job
@@ -72,19 +75,24 @@ class RunCheckpoints:
         world_size: int,
         mesh: Mapping[str, tuple[int, ...]],
         barrier: Callable[[], None] = lambda: None,
+        agree: Callable[[bool], bool] = lambda ok: ok,
+        plan_hash: str | None = None,
     ) -> None:
         self.job, self.rank, self.world_size, self.mesh = job, rank, world_size, mesh
+        self.agree, self.plan_hash = agree, plan_hash
         runtime = job.config.runtime
         self.interval = runtime.save_episode_interval
         self.store = None
         if runtime.checkpoint_dir:
             self.store = CheckpointStore(
-                runtime.checkpoint_dir, runtime.max_checkpoints, rank, world_size, barrier
-            )
+                runtime.checkpoint_dir, runtime.max_checkpoints, rank, world_size, barrier,
+                runtime.checkpoint_checksums,
+            )  # fmt: skip
         self.fingerprint = flow_fingerprint(job)
         self.resumed: Checkpoint | None = None
+        self.states: dict[str, object] = {}
         if self.store is not None and runtime.resume:
-            self.resumed = self.store.newest_valid()
+            self.resumed, self.states = self._choose()
 
     def hosted(self, name: str) -> bool:
         return self.rank in self.mesh[name]
@@ -120,6 +128,7 @@ class RunCheckpoints:
 
         meta = {
             "fingerprint": self.fingerprint,
+            "plan_hash": self.plan_hash,
             "models": names,
             "data": {"episode": episode, "seed": self.job.config.runtime.seed},
             "config": self.job.config.model_dump(mode="json"),
@@ -128,14 +137,40 @@ class RunCheckpoints:
         return self.store.save(episode, write_files, meta)
 
     # -- resuming ----------------------------------------------------------------------
+    def _choose(self) -> tuple[Checkpoint | None, dict[str, object]]:
+        """The newest checkpoint whose files every rank could read, and this rank's part of
+        it (model states by name, ``rng`` for its RNG states)."""
+        per_rank = [n for n, m in self.job.modules.items() if _per_rank(m)]
+        for checkpoint in self.store.candidates():
+            check_compatible(checkpoint, self.fingerprint, self.world_size, per_rank,
+                             self.plan_hash)  # fmt: skip
+            try:
+                states, problem = self._read(checkpoint), None
+            except Exception as err:  # noqa: BLE001 - any unreadable file disqualifies it
+                states, problem = {}, f"rank {self.rank}: {type(err).__name__}: {err}"
+                log.warning("flowgraph: %s cannot be read on %s", checkpoint, problem)
+            if self.agree(problem is None):
+                return checkpoint, states
+            self.store.warn_skipped(checkpoint.path, problem or "another rank could not read it")
+        return None, {}
+
+    def _read(self, checkpoint: Checkpoint) -> dict[str, object]:
+        states: dict[str, object] = {}
+        for name in checkpoint.meta["models"]:
+            module = self.job.modules[name]
+            if self.hosted(name) and not _per_rank(module):
+                states[name] = checkpoint.load(f"model_{name}.pt")
+        own = f"rng_rank{self.rank}.pt"
+        if own in checkpoint.meta["files"]:
+            states["rng"] = checkpoint.load(own)
+        return states
+
     def restore(self, trainable: bool) -> tuple[int, list[EpisodeRecord]]:
         """Load the resumed checkpoint's trainable (or inference) models hosted here;
         returns the episode to continue after and the episode records so far."""
         checkpoint = self.resumed
         if checkpoint is None:
             return 0, []
-        per_rank = [n for n, m in self.job.modules.items() if _per_rank(m)]
-        check_compatible(checkpoint, self.fingerprint, self.world_size, per_rank)
         if trainable and self.rank == 0:
             self.job.log(f"flowgraph: resuming from {checkpoint}")
         for name in checkpoint.meta["models"]:
@@ -146,11 +181,9 @@ class RunCheckpoints:
                 directory = str(checkpoint.path / f"deepspeed_{name}")
                 module.engine.load_checkpoint(directory, tag="state")
             else:
-                module.load_checkpoint_state(checkpoint.load(f"model_{name}.pt"))
-        if trainable:
-            own = f"rng_rank{self.rank}.pt"
-            if own in checkpoint.meta["files"]:
-                set_rng_state(checkpoint.load(own))
+                module.load_checkpoint_state(self.states.pop(name))
+        if trainable and "rng" in self.states:
+            set_rng_state(self.states.pop("rng"))
         history = [EpisodeRecord.from_json(r, self.job.config.runtime.num_episode)
                    for r in checkpoint.meta["history"]]  # fmt: skip
         return checkpoint.episode, history
