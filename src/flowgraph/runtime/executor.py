@@ -36,7 +36,7 @@ from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.launch import DistContext, format_exception
 from flowgraph.runtime.local import Job
 from flowgraph.runtime.offload import Offload
-from flowgraph.runtime.resume import RunCheckpoints, save_checkpoint
+from flowgraph.runtime.resume import RunCheckpoints
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import CrossSync, SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, Reporter, StageTimer
@@ -393,7 +393,7 @@ class SpmdRunner:
         record.stages = stages
         record.metrics.update({k: sum(v) / len(v) for k, v in sums.items()})
         if record.episode > 0 and self.checkpoints.due(record.episode):
-            save_checkpoint(self.checkpoints, record, self.history)
+            self.checkpoints.save(record, self.history)
         if self.rank == 0:
             self.history.append(record)
             self.reporter.report(record)

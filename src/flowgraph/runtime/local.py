@@ -24,7 +24,7 @@ from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, training_steps
 from flowgraph.runtime.graph_runner import GraphRunner
 from flowgraph.runtime.offload import Offload
-from flowgraph.runtime.resume import RunCheckpoints, save_checkpoint
+from flowgraph.runtime.resume import RunCheckpoints
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, Reporter, StageTimer
@@ -98,7 +98,7 @@ class LocalRunner:
         for episode in range(start + 1, self.runtime.num_episode + 1):
             record = self.run_episode(episode)
             if checkpoints.due(episode):
-                save_checkpoint(checkpoints, record, self.history)
+                checkpoints.save(record, self.history)
             self._finish(record)
         for offload in self.offloads.values():
             offload.load()

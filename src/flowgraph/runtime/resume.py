@@ -51,15 +51,6 @@ def flow_fingerprint(job: Job) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(
-    checkpoints: RunCheckpoints, record: EpisodeRecord, history: list[EpisodeRecord]
-) -> None:
-    """Checkpoint after ``record``'s episode, its time in the record's ``checkpoint`` stage."""
-    start = time.perf_counter()
-    checkpoints.save(record.episode, [*history, record])
-    record.stages["checkpoint"] = time.perf_counter() - start
-
-
 def _per_rank(module: BaseModule) -> bool:
     """Whether the module's checkpoint is DeepSpeed's own, one part per rank."""
     return isinstance(module, DeepSpeedModule) and module.engine is not None
@@ -111,7 +102,11 @@ class RunCheckpoints:
         }
         return [n for n, m in self.job.modules.items() if m.trainable or n not in synced]
 
-    def save(self, episode: int, history: list[EpisodeRecord]) -> Path:
+    def save(self, record: EpisodeRecord, history: list[EpisodeRecord]) -> Path:
+        """Checkpoint after ``record``'s episode (``history``: the records before it); the
+        time it takes goes into the record's ``checkpoint`` stage."""
+        start = time.perf_counter()
+        episode = record.episode
         names = self.saved_models(episode)
 
         def write_files(directory: Path) -> None:
@@ -132,9 +127,11 @@ class RunCheckpoints:
             "models": names,
             "data": {"episode": episode, "seed": self.job.config.runtime.seed},
             "config": self.job.config.model_dump(mode="json"),
-            "history": [r.to_json() for r in history],
+            "history": [r.to_json() for r in [*history, record]],
         }
-        return self.store.save(episode, write_files, meta)
+        path = self.store.save(episode, write_files, meta)
+        record.stages["checkpoint"] = time.perf_counter() - start
+        return path
 
     # -- resuming ----------------------------------------------------------------------
     def _choose(self) -> tuple[Checkpoint | None, dict[str, object]]:
