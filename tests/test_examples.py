@@ -68,11 +68,12 @@ def train_rewards(records, key):
 
 def test_ppo_example_learns_the_counting_task(tmp_path):
     ppo = load_example("ppo")
-    records = ppo.main([*QUIET, "runtime.num_episode=30", f"runtime.log_dir={tmp_path}"])
+    records = ppo.main([*QUIET, "runtime.num_episode=40", f"runtime.log_dir={tmp_path}"])
     rewards = train_rewards(records, "ppo_policy/reward")
-    # A random model counts right about one time in 20; 30 episodes take it past one half.
+    # A random model counts right about one time in 50; 40 episodes take it past one half
+    # (0.53-0.74 over seeds 1-4 of runtime.seed; 0.71 with the example's seed).
     assert rewards[0] < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
-    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 31  # with the eval at 0
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 41  # with the eval at 0
     assert (tmp_path / "metrics.png").stat().st_size > 10_000
 
 

@@ -77,6 +77,16 @@ def test_sampling_is_reproducible_and_top_k_top_p_restrict_the_choice():
     assert torch.equal(a, b)
 
 
+def test_sampled_frequencies_follow_the_probabilities():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().repeat(40_000, 1)  # log(0) = -inf: never sampled
+    tokens = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert frequencies[4] == 0
+    # 40,000 draws: the standard error of a frequency is below 0.0025
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)
+
+
 def test_token_logprobs_are_those_of_the_response_tokens():
     gpt = model()
     ids, mask = TOK.batch(["12", "345"])
