@@ -49,6 +49,13 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint_usable(tmp_path):
     assert store.newest_valid().episode == 2
 
 
+def test_a_checkpoint_dir_that_a_rank_cannot_see_names_the_fix(tmp_path):
+    # rank 1 of a job whose rank 0 writes to a disk this rank does not share
+    store = CheckpointStore(tmp_path / "node-local", keep=3, rank=1, world_size=2)
+    with pytest.raises(CheckpointError, match="not on storage shared by all ranks"):
+        store.save(1, lambda d: write(d, "rng_rank1.pt"), {})
+
+
 def test_a_truncated_file_is_skipped_with_a_warning(tmp_path, caplog):
     store = CheckpointStore(tmp_path, keep=3)
     for episode in (1, 2):

@@ -182,6 +182,12 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
             tmp.mkdir()
         self.barrier()
+        if not tmp.is_dir():
+            raise CheckpointError(
+                f"rank {self.rank} cannot see {tmp}, which rank 0 created: "
+                f"runtime.checkpoint_dir={str(self.directory)!r} is not on storage shared "
+                "by all ranks; put it on a file system every node mounts (NFS, Lustre, ...)"
+            )
         write_files(tmp)
         self.barrier()
         if self.rank == 0:
