@@ -165,6 +165,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     saved = json.loads((tmp_path / "ckpt" / "episode_000004" / "meta.json").read_text())
     # policy was just recomputed by the sync, so only what cannot be recomputed is kept
     assert saved["models"] == ["reference", "reward", "ppo_policy", "ppo_value"]
+    # 128 samples per episode; 2 epochs x 128 rows / 64 per step = 4 optimizer steps each
+    assert saved["data"] == {"episode": 4, "seed": 1, "samples": 512, "optimizer_steps": 16}
 
 
 def test_resume_false_starts_afresh(tmp_path):

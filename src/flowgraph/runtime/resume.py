@@ -102,6 +102,15 @@ class RunCheckpoints:
         }
         return [n for n, m in self.job.modules.items() if m.trainable or n not in synced]
 
+    def position(self, episode: int) -> dict[str, int]:
+        """Where the run stands after ``episode``: samples drawn and optimizer steps taken
+        (the data order is a function of seed and episode, so this is all a loader needs)."""
+        runtime = self.job.config.runtime
+        steps = runtime.num_training_epoch * runtime.rows_per_episode // runtime.global_batch_size
+        return {"episode": episode, "seed": runtime.seed,
+                "samples": episode * runtime.sample_per_episode,
+                "optimizer_steps": episode * steps if self.job.trainer else 0}  # fmt: skip
+
     def save(self, record: EpisodeRecord, history: list[EpisodeRecord]) -> Path:
         """Checkpoint after ``record``'s episode (``history``: the records before it); the
         time it takes goes into the record's ``checkpoint`` stage."""
@@ -125,7 +134,7 @@ class RunCheckpoints:
             "fingerprint": self.fingerprint,
             "plan_hash": self.plan_hash,
             "models": names,
-            "data": {"episode": episode, "seed": self.job.config.runtime.seed},
+            "data": self.position(episode),
             "config": self.job.config.model_dump(mode="json"),
             "history": [r.to_json() for r in [*history, record]],
         }
