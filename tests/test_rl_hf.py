@@ -99,6 +99,45 @@ def test_bad_hugging_face_arguments_name_the_fix(args, message):
         policy_module(args)
 
 
+def save_char_tokenizer(directory):
+    """A character-level fast tokenizer saved as save_pretrained() writes it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", *"0123456789"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+    fast.save_pretrained(directory)
+
+
+def test_a_checkpoint_directory_with_its_own_tokenizer(tmp_path):
+    model = policy_module({"hf_config": GPT2}).model
+    model.lm.save_pretrained(tmp_path)
+    save_char_tokenizer(tmp_path)
+    policy = PolicyInference("policy")
+    policy.config = Config(
+        runtime={"prompt_length": 4, "response_length": 5},
+        models={"policy": {"args": {"hf_model": str(tmp_path), "hf_tokenizer": True}}},
+    )
+    policy.setup()
+    assert isinstance(policy.tokenizer, hf.HFTokenizer) and policy.tokenizer.vocab_size == 13
+    out = policy.forward_step({"prompt": ["3907", "12"]})
+    assert out["sequences"][0, :4].tolist() == [6, 12, 3, 10]  # "3907" in its own ids
+    assert out["sequences"][1, :4].tolist() == [0, 0, 4, 5]  # left-padded "12"
+    assert all(set(answer) <= set("0123456789") for answer in out["answer"])
+    assert policy.tokenizer.decode([4, 5, 2, 9]) == "12"  # stops at <eos>
+
+
+def test_bad_tokenizer_arguments_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="hf_tokenizer: true reads the tokenizer of args.hf_model"):
+        policy_module({"hf_config": GPT2, "hf_tokenizer": True})
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        policy_module({"hf_config": GPT2, "hf_tokenizer": str(tmp_path)})
+
+
 def load_example(name):
     spec = importlib.util.spec_from_file_location(f"hf_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -32,6 +32,8 @@ import os
 import torch
 from torch import nn
 
+from flowgraph.rl.tokenizer import pad_batch
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -102,6 +104,67 @@ def _disable_dropout(config) -> None:
     for key, value in config.to_dict().items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(config, key, 0.0)
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer from a local directory with ``CharTokenizer``'s
+    interface (``batch``, ``decode``, ``pad_id``/``bos_id``/``eos_id``, ``vocab_size``).
+    Without a pad token it pads with the end-of-sequence token."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+        try:
+            self.tok = _transformers().AutoTokenizer.from_pretrained(
+                self.path, local_files_only=True
+            )
+        except (OSError, ValueError) as error:  # missing files, or files of no tokenizer
+            raise FileNotFoundError(
+                f"args.hf_tokenizer: no tokenizer in {self.path!r} "
+                f"({str(error).strip().splitlines()[0]}); save one there "
+                "with tokenizer.save_pretrained() or leave hf_tokenizer out to use the "
+                "CharTokenizer"
+            ) from None
+        if self.tok.eos_token_id is None:
+            raise ValueError(
+                f"the tokenizer in {self.path!r} has no end-of-sequence token, so answers "
+                "could not stop; set tokenizer.eos_token before saving it"
+            )
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def batch(self, texts, side: str = "left"):
+        encoded = [self.tok.encode(text) for text in texts]
+        return pad_batch(encoded, self.pad_id, side)
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` up to the first end-of-sequence token, without special tokens."""
+        kept = []
+        for i in (int(i) for i in ids):
+            if i == self.eos_id:
+                break
+            kept.append(i)
+        return self.tok.decode(kept, skip_special_tokens=True)
+
+    def __str__(self) -> str:
+        return f"HFTokenizer({self.vocab_size} tokens from {self.path})"
+
+
+def tokenizer_path(args: dict) -> str | None:
+    """The directory ``args.hf_tokenizer`` names (``true``: the ``hf_model`` directory)."""
+    choice = args.get("hf_tokenizer")
+    if choice is None or choice is False:
+        return None
+    if choice is True:
+        if "hf_model" not in args:
+            raise ValueError("args.hf_tokenizer: true reads the tokenizer of args.hf_model, "
+                             "which is not set; give hf_tokenizer a directory instead")  # fmt: skip
+        return str(args["hf_model"])
+    return str(choice)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

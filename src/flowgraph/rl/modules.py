@@ -14,6 +14,7 @@ arg                 meaning                                                     
 ``init_seed``       seed of the initial weights (equal seeds: equal weights)    0
 ``hf_model``        a local Hugging Face model directory instead of TinyGPT     none
 ``hf_config``       an inline Hugging Face config (``model_type: gpt2``, ...)   none
+``hf_tokenizer``    a saved HF tokenizer (``true``: the hf_model's) for prompts  none
 ``temperature``     sampling temperature (``top_k``, ``top_p`` too)             1.0
 ``task``            rule reward of ``RewardInference`` (``flowgraph.rl.tasks``)  count_up
 ``kl_coef``         KL penalty per token in the PPO reward                      0.05
@@ -70,9 +71,13 @@ class GPTModule(TorchModule):
         return self.model_config.args.get(key, default)
 
     @property
-    def tokenizer(self) -> CharTokenizer:
+    def tokenizer(self) -> CharTokenizer | hf.HFTokenizer:
+        """The ``CharTokenizer`` of ``args.alphabet``, or the Hugging Face tokenizer that
+        ``args.hf_tokenizer`` names."""
         if not hasattr(self, "_tokenizer"):
-            self._tokenizer = CharTokenizer(self.arg("alphabet", DIGITS))
+            path = hf.tokenizer_path(self.model_config.args)
+            alphabet = self.arg("alphabet", DIGITS)
+            self._tokenizer = hf.HFTokenizer(path) if path else CharTokenizer(alphabet)
         return self._tokenizer
 
     def gpt_config(self) -> GPTConfig:

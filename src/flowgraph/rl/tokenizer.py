@@ -27,6 +27,20 @@ import torch
 DIGITS = "0123456789"
 
 
+def pad_batch(encoded: Sequence[Sequence[int]], pad_id: int, side: str = "left"):
+    """``(input_ids, attention_mask)`` of token lists, padded with ``pad_id`` on ``side``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max((len(e) for e in encoded), default=0)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        start = width - len(tokens) if side == "left" else 0
+        ids[row, start : start + len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        mask[row, start : start + len(tokens)] = 1
+    return ids, mask
+
+
 class CharTokenizer:
     """One token per character of ``alphabet``, after three special tokens."""
 
@@ -70,17 +84,7 @@ class CharTokenizer:
 
     def batch(self, texts: Sequence[str], side: str = "left"):
         """``(input_ids, attention_mask)`` of ``texts``, padded on ``side`` to equal length."""
-        if side not in ("left", "right"):
-            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-        encoded = [self.encode(t) for t in texts]
-        width = max((len(e) for e in encoded), default=0)
-        ids = torch.full((len(texts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), width), dtype=torch.long)
-        for row, tokens in enumerate(encoded):
-            start = width - len(tokens) if side == "left" else 0
-            ids[row, start : start + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, start : start + len(tokens)] = 1
-        return ids, mask
+        return pad_batch([self.encode(t) for t in texts], self.pad_id, side)
 
     def __str__(self) -> str:
         specials = " ".join(self.SPECIALS)
