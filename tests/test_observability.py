@@ -61,6 +61,17 @@ def test_tensorboard_gets_every_metric_and_stage(ppo_run):
     assert [e.step for e in board.Scalars("ppo_policy/reward")] == [1, 2, 3]
 
 
+def test_a_rerun_in_the_same_log_dir_hides_the_old_tensorboard_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ppo = load_example("ppo")
+    for episodes in (3, 2):
+        ppo.main([*QUIET, f"runtime.num_episode={episodes}", f"runtime.log_dir={tmp_path}"])
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("ppo_policy/reward")] == [1, 2]
+
+
 def test_flowc_report_prints_the_summary_and_draws_curves_and_timeline(ppo_run, tmp_path, capsys):
     assert flowc(["report", str(ppo_run), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

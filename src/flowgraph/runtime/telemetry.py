@@ -161,8 +161,9 @@ class TensorBoard:
         self.purge_step: int | None = None
 
     def resume_after(self, episode: int) -> None:
-        """Events of episodes after ``episode`` (an interrupted attempt's) are dropped."""
-        self.purge_step = episode + 1 if episode else None
+        """Events of earlier runs for episodes after ``episode`` are hidden: all of them for
+        a fresh run (0), an interrupted attempt's after its checkpoint for a resumed one."""
+        self.purge_step = episode + 1 if episode else 0
 
     def _open(self):
         if self.writer is None and self.directory is not None:
