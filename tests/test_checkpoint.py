@@ -169,6 +169,16 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert saved["data"] == {"episode": 4, "seed": 1, "samples": 512, "optimizer_steps": 16}
 
 
+def test_resuming_with_changed_settings_says_which(tmp_path, caplog):
+    checkpoints = [f"runtime.checkpoint_dir={tmp_path / 'ckpt'}", "runtime.save_episode_interval=1"]
+    ppo_run(tmp_path, 1, *checkpoints)
+    with caplog.at_level(logging.WARNING, logger="flowgraph"):
+        ppo_run(tmp_path, 2, *checkpoints, "models.ppo_policy.args.lr=0.001")
+    assert "settings that differ from the checkpoint's" in caplog.text
+    assert "models.ppo_policy.args.lr: 0.003 -> 0.001" in caplog.text
+    assert "num_episode" not in caplog.text
+
+
 def test_resume_false_starts_afresh(tmp_path):
     checkpoints = [f"runtime.checkpoint_dir={tmp_path / 'ckpt'}", "runtime.save_episode_interval=1"]
     ppo_run(tmp_path, 2, *checkpoints)

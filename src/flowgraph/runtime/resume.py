@@ -51,6 +51,20 @@ def flow_fingerprint(job: Job) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs, ``runtime.num_episode`` aside
+    (raising it is how a finished run is extended)."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += config_changes(old, new, name + ".")
+        elif old != new and name != "runtime.num_episode":
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
+
+
 def _per_rank(module: BaseModule) -> bool:
     """Whether the module's checkpoint is DeepSpeed's own, one part per rank."""
     return isinstance(module, DeepSpeedModule) and module.engine is not None
@@ -179,6 +193,14 @@ class RunCheckpoints:
             return 0, []
         if trainable and self.rank == 0:
             self.job.log(f"flowgraph: resuming from {checkpoint}")
+            now = self.job.config.model_dump(mode="json")
+            changed = ", ".join(config_changes(checkpoint.meta["config"], now))
+            if changed:
+                log.warning(
+                    "flowgraph: resuming with settings that differ from the checkpoint's "
+                    "(they apply from now on): %s",
+                    changed,
+                )
         for name in checkpoint.meta["models"]:
             module = self.job.modules[name]
             if module.trainable != trainable or not self.hosted(name):
