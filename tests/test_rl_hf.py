@@ -1,8 +1,5 @@
 """Hugging Face causal LMs (the optional ``hf`` extra) behind the TinyGPT interface."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
@@ -12,8 +9,8 @@ from flowgraph.config import Config
 from flowgraph.rl import hf
 from flowgraph.rl.modules import PolicyInference
 from flowgraph.rl.sampling import generate
+from test_examples import EXAMPLES, QUIET, load_example
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 32}
 SPECIAL = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
@@ -136,16 +133,6 @@ def test_bad_tokenizer_arguments_name_the_fix(tmp_path):
         policy_module({"hf_config": GPT2, "hf_tokenizer": True})
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
         policy_module({"hf_config": GPT2, "hf_tokenizer": str(tmp_path)})
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(f"hf_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-QUIET = ["runtime.log_episodes=false", "runtime.progress=false"]
 
 
 def test_grpo_example_with_a_gpt2_policy_learns(tmp_path):

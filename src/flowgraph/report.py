@@ -29,18 +29,13 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from flowgraph.compiler.plan import COMMUNICATION, Instruction, format_table
 from flowgraph.errors import FlowgraphError
 from flowgraph.plot import read_metrics
 from flowgraph.runtime.timeline import read_slices
 
-COMMUNICATION = {"SEND", "RECV", "GATHER", "BCAST", "SYNC", "LOAD", "FREE"}
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
+# Drawn grey: slices that move data (weights, batches, offloaded state), not a model's compute.
+MOVING_DATA = {*COMMUNICATION, "SYNC", "LOAD", "FREE"}
 
 
 def _number(value: float) -> str:
@@ -83,12 +78,12 @@ def summary(run_dir: str | Path) -> str:
         value = statistics.median(r["stages"].get(stage, 0.0) for r in episodes)
         name = f"  {stage}" if "/" in stage else stage
         rows.append([name, f"{value:.3f}", f"{100 * value / median:.1f} %"])
-    lines += _table(rows) + [""]
+    lines += [format_table(rows, gap="   "), ""]
     rows = [["metric", "first", "last", "min", "max"]]
     for key in sorted({k for r in records for k in r["metrics"]}):
         values = [r["metrics"][key] for r in records if key in r["metrics"]]
         rows.append([key, *map(_number, (values[0], values[-1], min(values), max(values)))])
-    lines += _table(rows)
+    lines.append(format_table(rows, gap="   "))
     return "\n".join(lines)
 
 
@@ -106,12 +101,12 @@ def draw_timeline(trace: str | Path, png: str | Path) -> Path:
         raise FlowgraphError(f"{trace} holds no slices")
     start = min(s["ts"] for s in slices)
     ranks = sorted({s["pid"] for s in slices})
-    models = sorted({_model(s) for s in slices if s["cat"] not in COMMUNICATION})
+    models = sorted({_model(s) for s in slices if s["cat"] not in MOVING_DATA})
     palette = plt.get_cmap("tab10")
     colors = {m: palette(i % 10) for i, m in enumerate(models)}
     fig, ax = plt.subplots(figsize=(12, max(2.4, 1.0 + 0.5 * len(ranks))))
     for s in slices:
-        color = "#999999" if s["cat"] in COMMUNICATION else colors[_model(s)]
+        color = "#999999" if s["cat"] in MOVING_DATA else colors[_model(s)]
         ax.barh(ranks.index(s["pid"]), s["dur"] / 1e6, left=(s["ts"] - start) / 1e6,
                 color=color, edgecolor="black", linewidth=0.1)  # fmt: skip
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
@@ -129,9 +124,9 @@ def draw_timeline(trace: str | Path, png: str | Path) -> Path:
 
 
 def _model(piece: dict) -> str:
-    """``policy`` of ``RUN policy.forward_step[mb0]`` or ``TRAIN policy[step0]``."""
-    target = piece["name"].split(" ", 1)[1]
-    return target.split(".")[0].split("[")[0]
+    """``policy`` of the slice ``RUN policy.forward_step[mb0]`` or ``TRAIN policy[step0]``
+    (slice names are instruction texts)."""
+    return Instruction.parse(piece["name"], piece["args"].get("phase", "")).model
 
 
 def write_pictures(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

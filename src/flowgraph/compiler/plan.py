@@ -271,7 +271,7 @@ class Plan:
                     f"{format_bytes(device_total)} / {format_bytes(budget)}{flag}",
                 ]
             )
-        return _table(rows)
+        return format_table(rows)
 
     def grid(self) -> str:
         """The Step x Rank grid: one column per rank group, one row per logical step."""
@@ -290,7 +290,7 @@ class Plan:
                 [str(step), "+".join(sorted(phases[step], key=PHASES.index))]
                 + ["; ".join(cells.get(c, [])) for c in range(len(self.streams))]
             )
-        return _table(rows)
+        return format_table(rows)
 
     def estimates_text(self) -> str:
         e = self.estimates
@@ -331,9 +331,15 @@ def _dash(nbytes: float) -> str:
     return format_bytes(nbytes) if nbytes else "-"
 
 
-def _table(rows: list[list[str]]) -> str:
+def format_table(rows: list[list[str]], gap: str = "  ") -> str:
+    """Rows of cells as left-aligned columns separated by ``gap`` (the first row a header).
+
+    >>> print(format_table([["model", "ranks"], ["policy", "r0-r1"]]))
+    model   ranks
+    policy  r0-r1
+    """
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        gap.join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )

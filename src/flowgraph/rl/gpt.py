@@ -125,7 +125,7 @@ class TinyGPT(nn.Module):
             else attention_mask.bool()
         )
         if cache is None:
-            positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+            positions = mask_positions(mask)
             key_mask = mask
             start = 0
         else:
@@ -171,6 +171,12 @@ class ValueGPT(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         """Values ``[B, T]``."""
         return self.head(self.body.hidden(input_ids, attention_mask)).squeeze(-1)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position of every token counted over the real ones (``mask`` 1): left padding does
+    not shift a prompt's positions; padding itself gets position 0."""
+    return (mask.long().cumsum(1) - 1).clamp_min(0)
 
 
 def _attention_mask(key_mask: torch.Tensor, start: int, t: int) -> torch.Tensor | None:

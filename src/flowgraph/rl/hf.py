@@ -32,6 +32,7 @@ import os
 import torch
 from torch import nn
 
+from flowgraph.rl.gpt import mask_positions
 from flowgraph.rl.tokenizer import pad_batch
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -167,10 +168,6 @@ def tokenizer_path(args: dict) -> str | None:
     return str(choice)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(1) - 1).clamp_min(0)
-
-
 class HFCache:
     """The running attention mask and ``transformers``' own cache of past keys/values."""
 
@@ -197,7 +194,7 @@ class HFCausalLM(nn.Module):
             out = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=_positions(attention_mask),
+                position_ids=mask_positions(attention_mask),
                 use_cache=False,
             )
             return out.logits
@@ -205,7 +202,7 @@ class HFCausalLM(nn.Module):
         out = self.lm(
             input_ids=input_ids,
             attention_mask=full,
-            position_ids=_positions(full)[:, -input_ids.shape[1] :],
+            position_ids=mask_positions(full)[:, -input_ids.shape[1] :],
             past_key_values=cache.past,
             use_cache=True,
         )
@@ -230,7 +227,7 @@ class HFValueModel(nn.Module):
         hidden = self.body(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=_positions(attention_mask),
+            position_ids=mask_positions(attention_mask),
             use_cache=False,
         ).last_hidden_state
         return self.head(hidden).squeeze(-1)
