@@ -16,6 +16,7 @@ instruction it was waiting at and for whom.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -236,16 +237,24 @@ class SpmdRunner:
                 continue
             if phase == "sync" and not (every_pair or self._sync_due(ins, episode)):
                 continue
-            names = [str(i) for i in run]
-            more = {"instructions": names} if len(run) > 1 else {}
             try:
-                with self.timeline.slice(names[0], ins.op, phase=phase, episode=episode, **more):
+                with self._slice(run, episode):
                     if len(run) > 1:
                         self._gather_waves(run)
                     else:
                         self._execute(ins)
             except Exception as err:
                 self._fail(ins, err)
+
+    def _slice(self, run: list[Instruction], episode: int):
+        """The timeline slice of one instruction (or of a coalesced run of GATHERs, which
+        lists them all); nothing is formatted when the timeline is off."""
+        if not self.timeline.enabled:
+            return contextlib.nullcontext()
+        names = [str(ins) for ins in run]
+        more = {"instructions": names} if len(run) > 1 else {}
+        ins = run[0]
+        return self.timeline.slice(names[0], ins.op, phase=ins.phase, episode=episode, **more)
 
     def _sync_due(self, ins: Instruction, episode: int) -> bool:
         """A SYNC/BCAST runs when its destination's ``sync_frequency`` divides the episode;

@@ -10,6 +10,7 @@ naming the node and the user's source line, torch.fx style::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,8 +78,7 @@ class GraphRunner:
         if rng:
             seed, *where = rng
             reseed(seed, self.stage, step.node.name, *where)
-        index = f"[mb{rng[-1]}]" if rng else ""
-        with timer.stage(step.timer_key), self._slice(f"RUN {step.node.target}{index}", rng):
+        with timer.stage(step.timer_key), self._slice(step, rng, "RUN"):
             return self._call_chunked(step, data)
 
     def run_train(
@@ -110,19 +110,26 @@ class GraphRunner:
         if rng:
             seed, *where = rng
             reseed(seed, self.stage, step.node.name, *where)
-        index = f"[step{rng[-1]}]" if rng else ""
-        name = (f"TRAIN {step.node.model}{index}" if step.node.method == TRAIN_METHOD
-                else f"RUN {step.node.target}{index}")  # fmt: skip
-        with timer.stage(step.timer_key), self._slice(name, rng):
+        op = "TRAIN" if step.node.method == TRAIN_METHOD else "RUN"
+        with timer.stage(step.timer_key), self._slice(step, rng, op):
             if step.node.method == TRAIN_METHOD:
                 result = self._call(step, per_micro)
                 metrics.add(step.module.name, result if isinstance(result, Mapping) else None)
                 return [None] * count
             return [self._call(step, mb) for mb in per_micro]
 
-    def _slice(self, name: str, rng: tuple):
+    def _slice(self, step: _Step, rng: tuple, op: str):
+        """The timeline slice of a model call, named like the SPMD plan's instruction
+        (``RUN policy.forward_step[mb3]``, ``TRAIN ppo_policy[step0]``); nothing is
+        formatted when the timeline is off (this runs for every model call)."""
+        if not self.timeline.enabled:
+            return contextlib.nullcontext()
+        if op == "TRAIN":
+            name = f"TRAIN {step.node.model}" + (f"[step{rng[-1]}]" if rng else "")
+        else:
+            name = f"RUN {step.node.target}" + (f"[mb{rng[-1]}]" if rng else "")
         episode = rng[1] if len(rng) > 1 else None
-        return self.timeline.slice(name, name.split()[0], phase=self.stage, episode=episode)
+        return self.timeline.slice(name, op, phase=self.stage, episode=episode)
 
     @staticmethod
     def _merged_input(step: _Step, values: Mapping[str, Any]) -> Batch:
