@@ -39,9 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
-import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -117,33 +115,6 @@ def save_object(obj: Any, path: Path) -> None:
     """``torch.save`` then fsync: the bytes are on disk when this returns."""
     torch.save(obj, path)
     _fsync_file(path)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states, as tensors and plain values (``weights_only``-loadable)."""
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-        "torch": torch.get_rng_state(),
-    }
-    if "numpy" in sys.modules:
-        kind, keys, pos, has_gauss, cached = sys.modules["numpy"].random.get_state()
-        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state and "numpy" in sys.modules:
-        np = sys.modules["numpy"]
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointStore:

@@ -25,10 +25,9 @@ from flowgraph.runtime.checkpoint import (
     Checkpoint,
     CheckpointStore,
     check_compatible,
-    rng_state,
     save_object,
-    set_rng_state,
 )
+from flowgraph.runtime.rng import rng_state, set_rng_state
 from flowgraph.runtime.telemetry import EpisodeRecord
 
 log = logging.getLogger("flowgraph")

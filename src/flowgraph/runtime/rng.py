@@ -3,7 +3,8 @@
 Every model's ``setup()`` and every inference call on a micro-batch starts from a seed
 derived from the run's seed and *what* runs (model, episode, micro-batch), never from
 *where* it runs. So a model is initialised identically on 1 or 64 ranks, and sampling a
-micro-batch gives the same tokens whichever data-parallel rank owns it.
+micro-batch gives the same tokens whichever data-parallel rank owns it. ``rng_state`` and
+``set_rng_state`` capture and restore a process's generators for checkpoints.
 
 Example::
 
@@ -16,7 +17,9 @@ Example::
 from __future__ import annotations
 
 import random
+import sys
 import zlib
+from typing import Any
 
 import torch
 
@@ -39,3 +42,31 @@ def reseed(seed: int, *parts: object) -> None:
     if torch.cuda.is_initialized():
         torch.cuda.manual_seed_all(value)
     random.seed(value)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain values (``weights_only``-loadable)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if "numpy" in sys.modules:
+        kind, keys, pos, has_gauss, cached = sys.modules["numpy"].random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured (a checkpoint's ``rng_rank<r>.pt``)."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state and "numpy" in sys.modules:
+        np = sys.modules["numpy"]
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
