@@ -15,22 +15,25 @@ micro-batch dicts and may return a metrics dict)::
 
 Inside a flow being traced, calling a public method with a batch records a graph node
 instead of running it (see ``flowgraph.compiler.trace``); outside tracing the method runs
-as written.
+as written. The tracer registers itself with ``recording(tracer)``; this file never imports
+the compiler.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from flowgraph.compiler import trace as _trace
 from flowgraph.config import Config, ModelConfig, RuntimeConfig, current_config
-from flowgraph.errors import EngineError
+from flowgraph.errors import EngineError, PlanError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # Public methods of the framework's own API: never recorded as model calls.
@@ -44,8 +47,51 @@ _NOT_RECORDED = frozenset(
         "deepspeed_config",
         "checkpoint_state",
         "load_checkpoint_state",
+        "meta_parameters",
+        "measure_params",
     }
 )
+
+
+class Recorder(Protocol):
+    """What ``recording`` installs: the tracer of the flow being traced."""
+
+    def intercepts(self, method: str, args: tuple, kwargs: dict) -> bool: ...
+
+    def record_call(self, module: BaseModule, method: str, args: tuple, kwargs: dict) -> Any: ...
+
+
+# The recorder (tracer) of the flow being traced right now, or None: module methods consult it.
+_recorder: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar(
+    "flowgraph_recorder", default=None
+)
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder | None) -> Iterator[None]:
+    """Route recordable module calls to ``recorder`` inside the ``with`` block.
+
+    Example::
+
+        >>> class Echo(BaseModule):
+        ...     def forward_step(self, data):
+        ...         return data
+        >>> class Log:
+        ...     def intercepts(self, method, args, kwargs):
+        ...         return True
+        ...     def record_call(self, module, method, args, kwargs):
+        ...         return f"recorded {module.name}.{method}"
+        >>> with recording(Log()):
+        ...     Echo("echo").forward_step({"x": 1})
+        'recorded echo.forward_step'
+        >>> Echo("echo").forward_step({"x": 1})
+        {'x': 1}
+    """
+    token = _recorder.set(recorder)
+    try:
+        yield
+    finally:
+        _recorder.reset(token)
 
 
 def _recordable(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,10 +99,11 @@ def _recordable(method: Callable[..., Any]) -> Callable[..., Any]:
     if getattr(method, "__flowgraph_recordable__", False):
         return method
     name = method.__name__
+    current = _recorder.get
 
     @functools.wraps(method)
     def call(self: BaseModule, *args: Any, **kwargs: Any) -> Any:
-        tracer = _trace.active
+        tracer = current()
         if tracer is not None and tracer.intercepts(name, args, kwargs):
             return tracer.record_call(self, name, args, kwargs)
         return method(self, *args, **kwargs)
@@ -155,6 +202,59 @@ class BaseModule:
         if method == "eval_step" and not defined & {"eval_step", "forward_step"}:
             return f"{cls.__name__} defines neither eval_step nor forward_step"
         return None
+
+    def meta_parameters(self, config: Config | None = None) -> dict[str, torch.Tensor]:
+        """``self.model``'s parameters as meta tensors (shape and dtype, no storage), from
+        running ``setup()`` on the meta device; empty when setup builds no ``nn.Module``.
+        ``config`` is the run's config that ``setup()`` reads (``models.<name>.args``) when
+        the module has none yet, as under ``flowc compile``. Tensors get shapes but no
+        storage, so even a 70B model is sized in milliseconds with no memory; the module is
+        left exactly as it was.
+
+        Example::
+
+            >>> class Wide(TorchModule):
+            ...     def setup(self):
+            ...         self.model = torch.nn.Linear(50_000, 50_000)
+            >>> wide = Wide("wide")
+            >>> {n: (tuple(p.shape), p.device.type) for n, p in wide.meta_parameters().items()}
+            {'weight': ((50000, 50000), 'meta'), 'bias': ((50000,), 'meta')}
+            >>> wide.model is None
+            True
+        """
+        saved = copy.copy(vars(self))
+        try:
+            if config is not None and getattr(self, "config", None) is None:
+                self.config = config
+            with torch.device("meta"):
+                self.setup()
+            network = getattr(self, "model", None)
+            if not isinstance(network, torch.nn.Module):
+                return {}
+            network = getattr(network, "module", network)
+            return dict(network.named_parameters())
+        except Exception as err:
+            name = getattr(self, "name", type(self).__name__)
+            raise PlanError(
+                f"could not size model {name!r}: its setup() failed on the meta device "
+                f"({type(err).__name__}: {err}); set models.{name}.params (e.g. 7B) in the config"
+            ) from None
+        finally:
+            vars(self).clear()
+            vars(self).update(saved)
+
+    def measure_params(self, config: Config | None = None) -> int:
+        """Parameters of ``self.model`` after ``setup()`` on the meta device (0 without one).
+
+        Example::
+
+            >>> class Big(TorchModule):
+            ...     def setup(self):
+            ...         self.model = torch.nn.Linear(50_000, 50_000)
+            >>> Big("big").measure_params()
+            2500050000
+        """
+        return sum(p.numel() for p in self.meta_parameters(config).values())
 
 
 for _step in ("forward_step", "train_step", "eval_step"):

@@ -31,9 +31,8 @@ import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import flowgraph
 from flowgraph.compiler.graph import Graph, Node, SourceLocation
 from flowgraph.errors import (
     ArithmeticTraceError,
@@ -47,19 +46,16 @@ from flowgraph.errors import (
     ModelCallError,
     TraceError,
 )
+from flowgraph.module import BaseModule, recording
 
-if TYPE_CHECKING:
-    from flowgraph.module import BaseModule
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(flowgraph.__file__))
+# The flowgraph package folder (this file is flowgraph/compiler/trace.py). Like the
+# filenames it is compared with, it is made absolute without resolving symlinks.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STORE_OPS = {"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"}
 _MODEL_FIX = (
     "do this inside a model's method (forward_step/train_step/eval_step), where the batch "
     "holds real values; a flow only wires model calls together"
 )
-
-# The tracer of the flow being traced right now, if any (module methods consult it).
-active: Tracer | None = None
 
 
 def is_framework_file(filename: str) -> bool:
@@ -259,16 +255,13 @@ class Tracer:
 
     # -- the entry point -------------------------------------------------------------
     def trace(self) -> TracedFlow:
-        global active
         param = self._batch_parameter()
         batch = Proxy(self, self.graph.add(Node(param, "input", param)))
-        previous, active = active, self
         try:
-            result = self.flow(batch)
+            with recording(self):
+                result = self.flow(batch)
         except TraceError as err:
             raise err.with_traceback(_user_frames(err.__traceback__)) from None
-        finally:
-            active = previous
         self.graph.add(Node("output", "output", "output", self._returned(result)))
         self.graph.lint(known_models=set(self.modules))
         return TracedFlow(self.graph, self.modules, self.flow)
@@ -424,8 +417,6 @@ def _user_frame() -> types.FrameType | None:
 
 def _not_a_module_hint(frame: types.FrameType | None) -> list[str]:
     """A hint when the misuse happened inside a step method of a non-BaseModule object."""
-    from flowgraph.module import BaseModule  # module.py imports this file
-
     owner = frame.f_locals.get("self") if frame is not None else None
     if owner is None or isinstance(owner, BaseModule) or not frame.f_code.co_name.endswith("_step"):
         return []

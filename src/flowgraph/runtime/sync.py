@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from flowgraph.compiler.sizing import meta_parameters
 from flowgraph.errors import ParameterSyncError
 from flowgraph.module import BaseModule, TorchModule
 
@@ -183,8 +182,8 @@ class CrossSync:
         self.src, self.dst = src.name, dst.name
         self.rank, self.src_ranks = rank, src_ranks
         self.sends = rank in src_ranks
-        src_params = dict(src.sync_parameters()) if self.sends else meta_parameters(src)
-        dst_params = dict(dst.sync_parameters()) if rank in dst_ranks else meta_parameters(dst)
+        src_params = dict(src.sync_parameters()) if self.sends else src.meta_parameters()
+        dst_params = dict(dst.sync_parameters()) if rank in dst_ranks else dst.meta_parameters()
         self.names = match_parameters(src, dst, src_params, dst_params)
         local = src_params if self.sends else dst_params
         self.tensors = [local[s if self.sends else d] for s, d in self.names]
