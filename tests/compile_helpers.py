@@ -1,6 +1,6 @@
 """Hand-built programs for compiler tests: the seed's RLHF flow over identity modules."""
 
-from flowgraph import BaseModule, Evaluator
+from flowgraph import BaseModule, DeepSpeedModule, Evaluator
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.config import load_config
 from rlhf_flows import wire
@@ -17,8 +17,16 @@ class Identity(BaseModule):
         return None
 
 
-def rlhf_engine(with_eval=False):
-    m = {name: Identity(name) for name in SIZES}
+class DeepSpeedIdentity(DeepSpeedModule):
+    def forward_step(self, data):
+        return data
+
+    def train_step(self, micro_batches):
+        return None
+
+
+def rlhf_engine(with_eval=False, trainer_class=Identity):
+    m = {name: (trainer_class if name.startswith("ppo_") else Identity)(name) for name in SIZES}
 
     def eval_flow(batch):
         return m["reward"].eval_step(m["policy"].eval_step(batch))

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import spmd_job  # noqa: E402
 from flowgraph.runtime import resume  # noqa: E402
-from flowgraph.runtime.executor import SpmdRunner  # noqa: E402
+from flowgraph.runtime.interpreter import Interpreter  # noqa: E402
 
 
 def die(where: str) -> None:
@@ -43,15 +43,15 @@ def arm() -> None:
         resume.save_object = save_then_die
         return
     kill_at, executed = int(os.environ["FLOWGRAPH_TEST_KILL_AT"]), [0]
-    execute = SpmdRunner._execute
+    execute = Interpreter._execute
 
-    def execute_or_die(self, ins):
+    def execute_or_die(self, run):
         executed[0] += 1
         if executed[0] == kill_at:
-            die(f"before `{ins}` (episode {self.episode})")
-        return execute(self, ins)
+            die(f"before `{run[0]}` (episode {self.episode.number})")
+        return execute(self, run)
 
-    SpmdRunner._execute = execute_or_die
+    Interpreter._execute = execute_or_die
 
 
 if __name__ == "__main__":

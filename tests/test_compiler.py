@@ -4,14 +4,21 @@ import json
 
 import pytest
 
-from compile_helpers import Identity, compile_on, config, meshes, rlhf_engine
+from compile_helpers import (
+    SIZES,
+    DeepSpeedIdentity,
+    Identity,
+    compile_on,
+    config,
+    meshes,
+    rlhf_engine,
+)
 from flowgraph import Engine, Environment, TorchModule, Trainer
 from flowgraph.compiler.cluster import ClusterSpec, Mesh, format_ranks
 from flowgraph.compiler.cost import parse_params
 from flowgraph.compiler.plan import Instruction, Plan, RankStream, parse_ranks
 from flowgraph.compiler.simulate import simulate
-from flowgraph.compiler.sizing import measure_params
-from flowgraph.errors import PlanError
+from flowgraph.errors import ConfigError, PlanError
 
 EXPLICIT_8 = {
     "runtime": {"colocation": [["policy", "reference"], ["ppo_policy", "ppo_value"]]},
@@ -29,11 +36,13 @@ def explicit_8():
 @pytest.mark.parametrize(
     "text",
     [
-        "RUN policy.forward_step[mb3]",
-        "SEND mb3 %policy_out r0-r3->r4-r7",
-        "RECV mb0 %ref_out r4->r0-r3,r6",
-        "GATHER mb1 %r1 r4-r7->r0-r3",
-        "TRAIN ppo_policy[step12]",
+        "RUN %policy_out policy.forward_step[w3]",
+        "RUN %x reward-model.forward_step[step2]",
+        "SEND %policy_out[w3] r0-r3->r4-r7",
+        "RECV %ref_out[w0] r4->r0-r3,r6",
+        "GATHER %r1[w1] r4-r7->r0-r3",
+        "TRAIN %ppo_policy_train_step ppo_policy[step12]",
+        "SYNC ppo-policy->policy",
         "SYNC ppo_policy->policy",
         "BCAST ppo_value->value bucket2 r4-r7->r0-r3",
         "FREE policy",
@@ -44,7 +53,9 @@ def test_instruction_text_round_trips(text):
     assert str(Instruction.parse(text, phase="env")) == text
 
 
-@pytest.mark.parametrize("text", ["JUMP x", "RUN policy", "SEND mb1 %x r0", "FREE a b"])
+@pytest.mark.parametrize(
+    "text", ["JUMP x", "RUN policy", "RUN policy.forward_step[w0]", "SEND %x[w1] r0", "FREE a b"]
+)
 def test_bad_instruction_text(text):
     with pytest.raises(PlanError, match="instruction"):
         Instruction.parse(text, phase="env")
@@ -81,7 +92,7 @@ def test_meta_device_sizing_leaves_the_module_untouched():
             self.model = torch.nn.Linear(40_000, 40_000)
 
     big = Big("big")
-    assert measure_params(big) == 40_000 * 40_000 + 40_000
+    assert big.measure_params() == 40_000 * 40_000 + 40_000
     assert big.model is None  # nothing was really built
 
 
@@ -96,7 +107,7 @@ def test_meta_device_sizing_reads_the_config_being_compiled():
             self.model = torch.nn.Linear(width, width, bias=False)
 
     sized = Sized("sized")
-    assert measure_params(sized, Config(models={"sized": {"args": {"width": 300}}})) == 90_000
+    assert sized.measure_params(Config(models={"sized": {"args": {"width": 300}}})) == 90_000
     assert sized.config is None  # the config was lent for the measurement only
 
 
@@ -106,7 +117,7 @@ def test_meta_sizing_failure_asks_for_params():
             raise FileNotFoundError("/ckpt/policy.pt")
 
     with pytest.raises(PlanError, match=r"could not size model 'loader'.*set models.loader.params"):
-        measure_params(Loader("loader"))
+        Loader("loader").measure_params()
 
 
 # -- placement -----------------------------------------------------------------------------
@@ -173,9 +184,22 @@ def test_offload_lets_colocated_models_share_memory_and_adds_free_and_load():
         everything[t].update(zero3)
     cfg = config({"colocation": [list(sizes)], "sample_per_episode": 512,
                   "train_global_batch_size": 64}, everything, sizes)  # fmt: skip
-    plan = compile_on(8, cfg)
+    plan = compile_on(8, cfg, engine=rlhf_engine(trainer_class=DeepSpeedIdentity))
     text = "\n".join(str(i) for i in plan.streams[0].instructions)
     assert "LOAD policy" in text and "FREE policy" in text and "LOAD ppo_policy" in text
+
+
+def test_compiling_reports_zero3_on_part_of_the_ranks_and_a_backend_without_its_module():
+    split = {m: {"num_gpu": 4 if m.startswith("ppo_") else 1} for m in SIZES}
+    split["ppo_policy"].update(zero_stage=3)
+    cfg = config({"colocation": [["ppo_policy", "ppo_value"]]}, split)
+    with pytest.raises(PlanError, match=r"models.ppo_policy: zero_stage 3 on ranks \[4, 5, 6, 7\] "
+                       "of 8: DeepSpeed partitions ZeRO-3 models with a barrier over all ranks.*"
+                       "use zero_stage 1 or 2"):  # fmt: skip
+        compile_on(8, cfg, engine=rlhf_engine(trainer_class=DeepSpeedIdentity))
+    with pytest.raises(ConfigError, match="models.ppo_policy.backend: deepspeed needs a "
+                       "DeepSpeedModule, but Identity is a BaseModule"):  # fmt: skip
+        compile_on(8, config(models={"ppo_policy": {"backend": "deepspeed"}}))
 
 
 # -- infeasible requests -------------------------------------------------------------------
@@ -230,7 +254,7 @@ def test_disjoint_meshes_pipeline_across_waves():
     policy_stream, policy_times = by_name["r0-r1"]
     reward_stream, reward_times = by_name["r3"]
     second_policy_run = [t for i, t in zip(policy_stream.instructions, policy_times, strict=True)
-                         if str(i) == "RUN policy.forward_step[mb1]"][0]  # fmt: skip
+                         if str(i) == "RUN %policy_out policy.forward_step[w1]"][0]  # fmt: skip
     last_reward_run = [t for i, t in zip(reward_stream.instructions, reward_times, strict=True)
                        if i.op == "RUN"][-1]  # fmt: skip
     # policy is still generating wave 1 ... while reward works on earlier waves: overlap.
@@ -245,8 +269,8 @@ def test_colocated_models_run_stage_by_stage():
     plan = compile_on(8, explicit_8())
     stream = plan.streams[0]  # policy + reference on r0-r1
     runs = [str(i) for i in stream.instructions if i.op == "RUN" and i.phase == "env"]
-    policy = [i for i, r in enumerate(runs) if r.startswith("RUN policy")]
-    reference = [i for i, r in enumerate(runs) if r.startswith("RUN reference")]
+    policy = [i for i, r in enumerate(runs) if r.startswith("RUN %policy_out")]
+    reference = [i for i, r in enumerate(runs) if r.startswith("RUN %ref_out")]
     assert max(policy) < min(reference)
 
 
@@ -265,13 +289,13 @@ def stream(ranks, *texts, phase="env"):
 
 
 def test_hand_made_deadlock_is_caught_with_both_instructions_named():
-    a = stream([0], "RECV mb0 %b r1->r0", "SEND mb0 %a r0->r1")
-    b = stream([1], "RECV mb0 %a r0->r1", "SEND mb0 %b r1->r0")
+    a = stream([0], "RECV %b[w0] r1->r0", "SEND %a[w0] r0->r1")
+    b = stream([1], "RECV %a[w0] r0->r1", "SEND %b[w0] r1->r0")
     with pytest.raises(PlanError) as info:
         simulate([a, b], lambda i, ins: 1.0, world=2)
     message = str(info.value)
-    assert "deadlock: r0 waits at `RECV mb0 %b r1->r0`" in message
-    assert "whose sender r1 waits at `RECV mb0 %a r0->r1`" in message
+    assert "deadlock: r0 waits at `RECV %b[w0] r1->r0`" in message
+    assert "whose sender r1 waits at `RECV %a[w0] r0->r1`" in message
 
 
 def test_collectives_in_different_orders_deadlock():
@@ -282,8 +306,8 @@ def test_collectives_in_different_orders_deadlock():
 
 
 def test_unmatched_send_and_missing_collective_member():
-    a = stream([0], "SEND mb0 %a r0->r1")
-    b = stream([1], "RUN m.forward_step[mb0]")
+    a = stream([0], "SEND %a[w0] r0->r1")
+    b = stream([1], "RUN %b m.forward_step[w0]")
     with pytest.raises(PlanError, match="has 1 SEND and 0 RECV"):
         simulate([a, b], lambda i, ins: 1.0, world=2)
     a = stream([0], "BCAST p->q bucket0 r0->r1", phase="sync")
@@ -292,8 +316,8 @@ def test_unmatched_send_and_missing_collective_member():
 
 
 def test_simulated_time_and_steps():
-    a = stream([0], "RUN m.forward_step[mb0]", "SEND mb0 %a r0->r1")
-    b = stream([1], "RECV mb0 %a r0->r1", "RUN m.forward_step[mb0]")
+    a = stream([0], "RUN %a m.forward_step[w0]", "SEND %a[w0] r0->r1")
+    b = stream([1], "RECV %a[w0] r0->r1", "RUN %b m.forward_step[w0]")
     sim = simulate([a, b], lambda i, ins: 2.0, world=2)
     assert sim.end == [[2.0, 2.0], [4.0, 6.0]]
     assert sim.steps == [[1, 2], [2, 3]]
@@ -339,15 +363,62 @@ def test_env_output_is_gathered_on_every_trainer_rank_before_training():
     gathers = [i for i, text in enumerate(ops) if text.startswith("GATHER")]
     first_train = next(i for i, text in enumerate(ops) if text.startswith("TRAIN"))
     assert len(gathers) == plan.waves["env"] and max(gathers) < first_train
-    assert ops[gathers[0]] == "GATHER mb0 %reward_forward_step r3->r4-r7"
+    assert ops[gathers[0]] == "GATHER %reward_forward_step[w0] r3->r4-r7"
 
 
 def test_trainer_only_and_env_only_programs_compile():
     t = Identity("t")
     engine = Engine(trainer=Trainer(lambda b: t.train_step(b)))
     plan = engine.compile(ClusterSpec.from_world_size(2), config(sizes={"t": "1B"}))
-    assert [str(i) for i in plan.streams[0].instructions][:1] == ["TRAIN t[step0]"]
+    assert [str(i) for i in plan.streams[0].instructions][:1] == ["TRAIN %t_train_step t[step0]"]
     p = Identity("p")
     engine = Engine(Environment(lambda b: p.forward_step(b)))
     plan = engine.compile(ClusterSpec.from_world_size(4), config(sizes={"p": "1B"}))
     assert {i.op for s in plan.streams for i in s.instructions} == {"RUN"}
+
+
+def test_receives_out_of_the_senders_order_are_refused_naming_the_pair():
+    a = stream([0], "SEND %a[w0] r0->r1", "SEND %b[w0] r0->r1")
+    b = stream([1], "RECV %b[w0] r0->r1", "RECV %a[w0] r0->r1")
+    with pytest.raises(PlanError, match=r"r0 sends to r1 in another order than r1 receives: "
+                       r"message 0 is `SEND %a\[w0\] r0->r1` but r1 expects `RECV %b\[w0\] "
+                       r"r0->r1` there"):  # fmt: skip
+        simulate([a, b], lambda i, ins: 1.0, world=2)
+
+
+def test_split_layouts_receive_in_the_senders_order():
+    """The README's 8-GPU split layout once sent all %policy_out waves, then all %ref_out,
+    to r3, which interleaved them: with NCCL's in-order matching, a wrong batch."""
+    plan = compile_on(8, explicit_8())
+    reward = next(s for s in plan.streams if s.name == "r3")
+    from_policy_group = [str(i) for i in reward.instructions
+                         if i.op == "RECV" and i.src_ranks == (0, 1)]  # fmt: skip
+    sent = [str(i).replace("SEND", "RECV") for s in plan.streams for i in s.instructions
+            if i.op == "SEND" and i.dst_ranks == (3,) and i.src_ranks == (0, 1)]  # fmt: skip
+    assert from_policy_group == sent
+    assert from_policy_group[:2] == ["RECV %policy_out[w0] r0-r1->r3",
+                                     "RECV %policy_out[w1] r0-r1->r3"]  # fmt: skip
+
+
+def test_a_method_called_twice_gives_two_distinguishable_run_lines():
+    policy = Identity("policy")
+
+    def env_flow(batch):
+        a = policy.forward_step(batch)
+        return policy.forward_step(a)
+
+    engine = Engine(Environment(env_flow)).set_dataset(["x"] * 8)
+    cfg = config({"sample_per_episode": 8, "generation_batch_size": 4,
+                  "train_global_batch_size": 8}, sizes={"policy": "1M"})  # fmt: skip
+    plan = engine.compile(ClusterSpec.cpu(1), cfg)
+    runs = [str(i) for i in plan.streams[0].instructions if i.op == "RUN"]
+    assert runs == ["RUN %a policy.forward_step[w0]",
+                    "RUN %policy_forward_step policy.forward_step[w0]",
+                    "RUN %a policy.forward_step[w1]",
+                    "RUN %policy_forward_step policy.forward_step[w1]"]  # fmt: skip
+    assert "RUN %a policy.forward_step[w0]" in plan.grid()
+    table = plan.phases["env"]
+    assert [n.name for n in table.nodes] == ["a", "policy_forward_step"]
+    assert table.node("policy_forward_step").inputs == ("a",)
+    assert table.node("a").source.startswith("test_compiler.py:")
+    assert table.returned == "policy_forward_step"

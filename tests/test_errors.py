@@ -411,7 +411,8 @@ def test_inputs_that_disagree_on_a_key():
         def forward_step(self, data):
             return {**data, "x": data["x"] + 1}
 
-    flowgraph.init({"runtime": {"sample_per_episode": 4, "log_episodes": False}})
+    flowgraph.init({"runtime": {"sample_per_episode": 4, "log_episodes": False,
+                                "check_merges": True}})  # fmt: skip
     shifted = Shifted("shifted")
     policy_local = PolicyInference("policy")
 

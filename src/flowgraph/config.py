@@ -100,6 +100,12 @@ class RuntimeConfig(BaseModel):
         description="After every parameter sync, compare checksums of source and "
         "destination and name any parameter that differs (costs a pass over the weights).",
     )
+    check_merges: bool = Field(
+        False,
+        description="Compare the values of a key that a model receives from several inputs "
+        "(not only their shapes and dtypes), so that unequal values are an error even after "
+        "a transfer between ranks (costs milliseconds per merge; tests turn it on).",
+    )
     sync_bucket_mb: int = Field(
         256, ge=1, description="Size of the buckets that parameter sync broadcasts across meshes."
     )

@@ -141,12 +141,21 @@ def _rows(value: Any) -> list[Any]:
     return list(value.unbind(0)) if isinstance(value, torch.Tensor) else list(value)
 
 
-def merge_inputs(inputs: Sequence[Mapping[str, Any]], producers: Sequence[str]) -> Batch:
+def merge_inputs(
+    inputs: Sequence[Mapping[str, Any]], producers: Sequence[str], check_values: bool = True
+) -> Batch:
     """The union of a model's input batches, in argument order.
 
     A key present in two inputs must hold equal values (the common case: every model
     returns ``{**data, new_key: ...}``); unequal values raise ``BatchMergeError`` that
-    names the key and both producers.
+    names the key and both producers. Values that are the same object merge at once;
+    otherwise their kind, shape and dtype (or length) must agree, and their contents are
+    compared only with ``check_values`` (``runtime.check_merges``): a batch received from
+    another rank holds copies, whose comparison costs milliseconds per merge.
+
+    >>> a = {"x": torch.ones(2)}
+    >>> merge_inputs([a, {**a, "y": [1, 2]}], ["policy", "reward"])
+    {'x': tensor([1., 1.]), 'y': [1, 2]}
     """
     if len(inputs) == 1:
         return dict(inputs[0])
@@ -154,7 +163,7 @@ def merge_inputs(inputs: Sequence[Mapping[str, Any]], producers: Sequence[str]) 
     owner: dict[str, str] = {}
     for batch, producer in zip(inputs, producers, strict=True):
         for key, value in batch.items():
-            if key in merged and not _equal(merged[key], value):
+            if key in merged and not _equal(merged[key], value, check_values):
                 raise BatchMergeError(
                     f"key {key!r} comes from both {owner[key]} and {producer} with "
                     f"different values; rename it in one of them (the model receives one "
@@ -166,15 +175,21 @@ def merge_inputs(inputs: Sequence[Mapping[str, Any]], producers: Sequence[str]) 
     return merged
 
 
-def _equal(a: Any, b: Any) -> bool:
+def _equal(a: Any, b: Any, check_values: bool = True) -> bool:
     if a is b:
         return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return not check_values or bool(torch.equal(a, b))
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return False
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+        if len(a) != len(b):
+            return False
+        return not check_values or all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if not check_values:
+        return type(a) is type(b)
     try:
         return bool(a == b)
     except Exception:

@@ -14,17 +14,16 @@ mistakes surface at the user's line before anything runs::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from flowgraph.compiler import cost
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.compiler.graph import TRAIN_METHOD, Graph
-from flowgraph.compiler.pipeline import Program, compile_plan
+from flowgraph.compiler.pipeline import ModelFacts, Program, compile_plan
 from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
 from flowgraph.config import Config, current_config
@@ -33,16 +32,13 @@ from flowgraph.errors import (
     ConfigError,
     EngineError,
     FlowDefinitionError,
-    PlanError,
     did_you_mean,
 )
 from flowgraph.module import BaseModule
-from flowgraph.runtime.backends import check_zero3_meshes, effective_backend
-from flowgraph.runtime.executor import SpmdRunner
-from flowgraph.runtime.launch import DistContext
-from flowgraph.runtime.local import EvalJob, Job, LocalRunner
+from flowgraph.runtime import launch
+from flowgraph.runtime.backends import effective_backend
+from flowgraph.runtime.job import Job
 from flowgraph.runtime.telemetry import EpisodeRecord
-from flowgraph.runtime.transport import all_gather_objects
 
 log = logging.getLogger("flowgraph")
 
@@ -272,13 +268,16 @@ class Engine:
         ]
 
     def program(self, config: Config) -> Program:
-        """What the compiler needs: graphs, modules, syncs and trainable models."""
+        """What the compiler needs: graphs, plain facts about every model, syncs."""
         self.check_config(config)
+        trainable = set(self.trainable_models(config))
         return Program(
             graphs=self.graphs(),
-            modules=dict(self.modules),
+            models={
+                name: _facts(module, config, name in trainable)
+                for name, module in self.modules.items()
+            },  # fmt: skip
             syncs=tuple((src.name, dst.name) for src, dst in self.syncs),
-            trainable=frozenset(self.trainable_models(config)),
             eval_samples=len(self.evaluator.samples or []) if self.evaluator else 0,
         )
 
@@ -304,7 +303,8 @@ class Engine:
                 )
 
     def learn(self) -> list[EpisodeRecord]:
-        """Run all episodes in this process and return their records."""
+        """Run all episodes (in this process, or as this rank of a torchrun job) and
+        return their records (on rank 0; other ranks return [])."""
         config = current_config()
         self.check_config(config)
         if self.samples is None:
@@ -313,62 +313,45 @@ class Engine:
             raise EngineError(
                 "the Evaluator has no dataset: Evaluator(eval_flow).set_dataset(val_prompts)"
             )
-        trainable = set(self.trainable_models(config))
-        for module in self.modules.values():
-            effective_backend(module, config.model(module.name))
-            module.config = config
-            module.trainable = module.name in trainable
+        program = self.program(config)
+        seed = config.runtime.seed
         job = Job(
             config=config,
             modules=self.modules,
-            dataset=Dataset(self.samples, seed=config.runtime.seed),
-            env=self.environment.traced.graph if self.environment else None,
-            trainer=self.trainer.traced.graph if self.trainer else None,
-            eval=self._eval_job(config),
-            syncs=self.syncs,
+            dataset=Dataset(self.samples, seed=seed),
+            eval_dataset=Dataset(self.evaluator.samples, seed=seed) if self.evaluator else None,
+            post_process=self.evaluator.post_process if self.evaluator else None,
         )
-        ctx = DistContext.from_env()
-        if ctx is None:
-            return LocalRunner(job).run()
-        return self._learn_spmd(job, config, ctx)
+        if self.evaluator is not None:
+            self._warn_if_never_evaluated(config)
+        return launch.run(job, lambda cluster: compile_plan(program, config, cluster))
 
-    def _learn_spmd(self, job: Job, config: Config, ctx: DistContext) -> list[EpisodeRecord]:
-        """Under torchrun: every rank compiles the plan, checks it against rank 0's, and
-        runs its own stream. Rank 0 returns the episode records; other ranks return []."""
-        ctx.init(config.runtime.timeout_s)
-        if ctx.device.type == "cpu":
-            cluster = ClusterSpec.cpu(ctx.world_size, nodes=ctx.nodes)
-        else:
-            cluster = ClusterSpec.from_world_size(ctx.world_size, ctx.local_world_size)
-        plan = compile_plan(self.program(config), config, cluster)
-        fingerprint = hashlib.sha256(f"{plan.hash()}{config}".encode()).hexdigest()[:16]
-        fingerprints = all_gather_objects(fingerprint, dist.group.WORLD)
-        if len(set(fingerprints)) > 1:
-            differing = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
-            raise PlanError(
-                f"rank(s) {differing} compiled a different plan or config than rank 0: every "
-                "rank must run the same script with the same config and overrides "
-                f"(fingerprints: {', '.join(f'rank {r} {f}' for r, f in enumerate(fingerprints))})"
-            )
-        check_zero3_meshes(self.modules, plan, config)
-        return SpmdRunner(job, plan, ctx).run()
-
-    def _eval_job(self, config: Config) -> EvalJob | None:
-        if self.evaluator is None:
-            return None
-        if (
-            config.runtime.eval_episode_interval == 0
-            and not config.runtime.enable_eval_before_training
-        ):
+    @staticmethod
+    def _warn_if_never_evaluated(config: Config) -> None:
+        runtime = config.runtime
+        if runtime.eval_episode_interval == 0 and not runtime.enable_eval_before_training:
             log.warning(
                 "an Evaluator is set but runtime.eval_episode_interval is 0, so it never "
                 "runs; set runtime.eval_episode_interval=N to evaluate every N episodes"
             )
-        return EvalJob(
-            graph=self.evaluator.traced.graph,
-            dataset=Dataset(self.evaluator.samples, seed=config.runtime.seed),
-            post_process=self.evaluator.post_process,
-        )
+
+
+def _facts(module: BaseModule, config: Config, trainable: bool) -> ModelFacts:
+    """What the compiler needs to know of ``module``, from the module and its config."""
+    settings = config.model(module.name)
+    params = (
+        cost.parse_params(settings.params, module.name)
+        if settings.params is not None
+        else module.measure_params(config)
+    )
+    return ModelFacts(
+        name=module.name,
+        params=params,
+        backend=effective_backend(module, settings),
+        zero_stage=settings.zero_stage,
+        trainable=trainable,
+        offload=settings.offload,
+    )
 
 
 def _expect(value: Any, kind: type, what: str) -> Any:

@@ -1,10 +1,13 @@
 """The compiler's driver: traced graphs + config + cluster -> ``Plan``.
 
-Passes share one signature, ``pass(ctx: CompileContext) -> None``, and run in order:
-``size_models`` (parameter counts), ``place_models`` (meshes), ``schedule_streams``
-(instructions), ``simulate_streams`` (matching, deadlock freedom, estimates). The pass
-manager lints the graphs between passes and prefixes any ``PlanError`` with the pass
-that raised it. Compiling is pure: no GPU, no process group.
+The compiler consumes plain facts: the traced graphs and one ``ModelFacts`` per model
+(parameters, backend, ZeRO stage, trainable, offload), computed by the Engine; it never
+touches a live module. Passes share one signature, ``pass(ctx: CompileContext) -> None``,
+and run in order: ``size_models`` (cost-model specs), ``place_models`` (meshes),
+``schedule_streams`` (lowering to node tables, then instructions), ``simulate_streams``
+(matching, deadlock freedom, estimates). The pass manager lints the graphs between passes
+and prefixes any ``PlanError`` with the pass that raised it. Compiling is pure: no GPU,
+no process group.
 
 Example::
 
@@ -21,11 +24,18 @@ from dataclasses import dataclass, field
 from flowgraph.compiler import cost
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.compiler.graph import Graph
+from flowgraph.compiler.lower import lower
 from flowgraph.compiler.placement import Layout, PlacementRequest, place
-from flowgraph.compiler.plan import Instruction, PlacementEntry, Plan, RankStream
-from flowgraph.compiler.schedule import ScheduleInput, SyncPair, schedule
+from flowgraph.compiler.plan import (
+    Instruction,
+    PhaseSpec,
+    PlacementEntry,
+    Plan,
+    RankStream,
+    SyncSpec,
+)
+from flowgraph.compiler.schedule import ScheduleInput, schedule
 from flowgraph.compiler.simulate import Simulation, simulate
-from flowgraph.compiler.sizing import measure_params
 from flowgraph.config import Config
 from flowgraph.errors import PlanError
 
@@ -33,14 +43,30 @@ HOST_LINK_BYTES_PER_S = 25e9  # device <-> host memory, for offload
 
 
 @dataclass(frozen=True)
+class ModelFacts:
+    """What the compiler knows of one model (the Engine computes it from the module and
+    its config section)."""
+
+    name: str
+    params: int
+    backend: str = "torch"  # "torch" | "deepspeed"
+    zero_stage: int = 0
+    trainable: bool = False
+    offload: bool = False
+
+
+@dataclass(frozen=True)
 class Program:
-    """What the compiler needs from an Engine: graphs by role, modules, syncs."""
+    """What the compiler needs from an Engine: graphs by role, model facts, syncs."""
 
     graphs: Mapping[str, Graph]
-    modules: Mapping[str, object]
+    models: Mapping[str, ModelFacts]
     syncs: tuple[tuple[str, str], ...]
-    trainable: frozenset[str]
     eval_samples: int = 0
+
+    @property
+    def trainable(self) -> frozenset[str]:
+        return frozenset(name for name, facts in self.models.items() if facts.trainable)
 
 
 @dataclass
@@ -52,6 +78,8 @@ class CompileContext:
     cluster: ClusterSpec
     specs: dict[str, cost.ModelSpec] = field(default_factory=dict)
     layout: Layout | None = None
+    phases: dict[str, PhaseSpec] = field(default_factory=dict)
+    syncs: tuple[SyncSpec, ...] = ()
     streams: list[RankStream] = field(default_factory=list)
     simulation: Simulation | None = None
     notes: list[str] = field(default_factory=list)
@@ -72,30 +100,18 @@ class CompileContext:
 
     @property
     def models(self) -> tuple[str, ...]:
-        return tuple(self.program.modules)
+        return tuple(self.program.models)
 
 
 def size_models(ctx: CompileContext) -> None:
-    for name, module in ctx.program.modules.items():
-        settings = ctx.config.model(name)
-        params = (
-            cost.parse_params(settings.params, name)
-            if settings.params is not None
-            else measure_params(module, ctx.config)
-        )
+    for name, facts in ctx.program.models.items():
         ctx.specs[name] = cost.ModelSpec(
             name=name,
-            params=params,
-            trainable=name in ctx.program.trainable,
-            zero_stage=settings.zero_stage if _uses_deepspeed(module, settings.backend) else 0,
-            offload=settings.offload,
+            params=facts.params,
+            trainable=facts.trainable,
+            zero_stage=facts.zero_stage if facts.backend == "deepspeed" else 0,
+            offload=facts.offload,
         )
-
-
-def _uses_deepspeed(module: object, backend: str) -> bool:
-    # By class name: the compiler does not import the runtime's module hierarchy.
-    names = {cls.__name__ for cls in type(module).__mro__}
-    return backend == "deepspeed" or "DeepSpeedModule" in names
 
 
 def place_models(ctx: CompileContext) -> None:
@@ -126,16 +142,18 @@ def schedule_streams(ctx: CompileContext) -> None:
     work = ctx.work
     bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
     bpp = cost.bytes_per_param(ctx.cluster)
-    syncs = tuple(
-        SyncPair(src, dst, max(1, math.ceil(ctx.specs[src].params * bpp / bucket_bytes)))
+    ctx.syncs = tuple(
+        SyncSpec(src, dst, max(1, math.ceil(ctx.specs[src].params * bpp / bucket_bytes)))
         for src, dst in ctx.program.syncs
     )
+    mesh_size = {m: g.mesh.size for g in ctx.layout.groups for m in g.models}
+    ctx.phases = lower(ctx.program.graphs, mesh_size)
     gen = work.generation_batch_size
     ctx.streams = schedule(
         ScheduleInput(
-            graphs=dict(ctx.program.graphs),
+            phases=ctx.phases,
             layout=ctx.layout,
-            syncs=syncs,
+            syncs=ctx.syncs,
             env_microbatches=math.ceil(work.sample_per_episode / gen),
             eval_microbatches=math.ceil(ctx.program.eval_samples / gen),
             train_steps=work.train_steps,
@@ -153,16 +171,9 @@ def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
     bpp = cost.bytes_per_param(cluster)
     bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
     mesh = {m: g.mesh for g in ctx.layout.groups for m in g.models}
-    width = {}
-    for phase, role in (("env", "env"), ("eval", "eval")):
-        graph = ctx.program.graphs.get(role)
-        width[phase] = (
-            math.lcm(*(mesh[m].size for m in graph.models())) if graph and graph.calls() else 1
-        )
-    generating = set()
-    env = ctx.program.graphs.get("env")
-    if env is not None:
-        generating = {n.target for n in env.calls() if env.input_node.name in n.inputs}
+    width = {phase: spec.width for phase, spec in ctx.phases.items()}
+    env = ctx.phases.get("env")
+    generating = {n.name for n in env.nodes if env.input in n.inputs} if env else set()
 
     def seconds(_: int, ins: Instruction) -> float:
         wave_samples = width.get(ins.phase, 1) * work.generation_batch_size
@@ -173,7 +184,7 @@ def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
                 samples = work.train_global_batch_size / n
             else:
                 samples = wave_samples / n
-            generate = ins.phase == "env" and ins.target in generating
+            generate = ins.phase == "env" and ins.node in generating
             return cost.inference_seconds(
                 ctx.specs[model].params, samples, 1, generate, work, cluster
             )
@@ -186,13 +197,11 @@ def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
             nbytes = cost.batch_bytes(wave_samples, work) / pairs
             return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
         if ins.op == "BCAST":
-            src = ins.target.split("->")[0]
-            total = ctx.specs[src].params * bpp
+            total = ctx.specs[ins.src].params * bpp
             nbytes = min(bucket_bytes, total - ins.bucket * bucket_bytes)
             return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
         if ins.op == "SYNC":
-            src = ins.target.split("->")[0]
-            return ctx.specs[src].params * bpp / (cluster.memcpy_gbps * 1e9)
+            return ctx.specs[ins.src].params * bpp / (cluster.memcpy_gbps * 1e9)
         if ins.op in ("FREE", "LOAD"):
             spec = ctx.specs[ins.model]
             m = cost.memory(spec, mesh[ins.model].size, work, cluster)
@@ -216,7 +225,7 @@ def run_passes(ctx: CompileContext, passes=PASSES) -> None:
         try:
             compiler_pass(ctx)
             for graph in ctx.program.graphs.values():
-                graph.lint(known_models=set(ctx.program.modules))
+                graph.lint(known_models=set(ctx.program.models))
         except PlanError as err:
             raise PlanError(f"[{compiler_pass.__name__}] {err}") from None
 
@@ -228,6 +237,8 @@ def compile_plan(program: Program, config: Config, cluster: ClusterSpec) -> Plan
     return Plan(
         cluster=cluster,
         placement=_placement_entries(ctx),
+        phases=ctx.phases,
+        syncs=list(ctx.syncs),
         streams=ctx.streams,
         steps=ctx.simulation.steps,
         times=[
@@ -265,8 +276,8 @@ def _waves(ctx: CompileContext) -> dict[str, int]:
     counts: dict[str, int] = {}
     for stream in ctx.streams:
         for ins in stream.instructions:
-            if ins.mb is not None and ins.phase in ("env", "eval"):
-                counts[ins.phase] = max(counts.get(ins.phase, 0), ins.mb + 1)
+            if ins.wave is not None:
+                counts[ins.phase] = max(counts.get(ins.phase, 0), ins.wave + 1)
             if ins.step is not None:
                 counts["train steps"] = max(counts.get("train steps", 0), ins.step + 1)
     return counts

@@ -119,7 +119,8 @@ def explicit_layout(request: PlacementRequest, unit_list: list[tuple[str, ...]])
 
 
 def check_layout(layout: Layout, request: PlacementRequest) -> None:
-    """Raise ``PlanError`` when a layout does not fit memory or does not divide the batches."""
+    """Raise ``LayoutError`` when a layout does not fit memory, does not divide the batches,
+    or puts a ZeRO-3 trainer on a mesh that is not every rank."""
     work = request.work
     env_microbatches = math.ceil(work.sample_per_episode / work.generation_batch_size)
     for group in layout.groups:
@@ -140,7 +141,16 @@ def check_layout(layout: Layout, request: PlacementRequest) -> None:
             )
         for m in group.models:
             spec = request.specs[m]
-            if spec.trainable:
+            world = request.cluster.world_size
+            if spec.zero_stage == 3 and n != world:
+                raise LayoutError(
+                    f"models.{m}: zero_stage 3 on ranks {list(group.mesh.ranks)} of {world}: "
+                    "DeepSpeed partitions ZeRO-3 models with a barrier over all ranks, so the "
+                    "trainer's mesh must cover every rank",
+                    f"colocate it with the other models (runtime.colocation, num_gpu: {world}) "
+                    "or use zero_stage 1 or 2",
+                )
+            if spec.trainable and n > 1:  # each data-parallel rank gets equal micro-batches
                 per_step = work.train_micro_batch_size * n
                 if work.train_global_batch_size % per_step:
                     raise LayoutError(
@@ -247,6 +257,15 @@ def place(
 ) -> tuple[Layout, list[str]]:
     """The layout to run, and report lines on how it was chosen."""
     unit_list = units(request)
+    if request.cluster.world_size == 1:  # one process: everything on its one device
+        layout = Layout("one device", (Group(request.models, Mesh(range(1))),))
+        check_layout(layout, request)
+        wanted = [f"{m}: num_gpu {n}" for m, n in request.num_gpu.items()
+                  if isinstance(n, int) and n > 1]  # fmt: skip
+        if not wanted:
+            return layout, []
+        return layout, [f"world size 1: every model on r0 ({', '.join(wanted)} apply under "
+                        "torchrun with more ranks)"]  # fmt: skip
     if is_explicit(request):
         layout = explicit_layout(request, unit_list)
         check_layout(layout, request)

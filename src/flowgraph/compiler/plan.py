@@ -1,20 +1,25 @@
-"""The plan: per-rank-group instruction streams, placement and estimates, as plain data.
+"""The plan: per-phase node tables, per-rank-group instruction streams, placement and
+estimates, as plain data. The runtime reads nothing else.
 
 Every rank of a group runs the same stream (data parallelism: each rank handles its share
 of every micro-batch wave), so a 16,384-device plan has one stream per group, not per
-rank. Instructions have a compact text form that parses back::
+rank. ``Plan.phases`` holds, per phase, the table of the nodes its instructions name
+(model, method, inputs, the user's source line) and which node the phase returns.
+Instructions have a compact text form that parses back::
 
-    >>> ins = Instruction.parse("SEND mb3 %policy_out r0-r3->r4-r7", phase="env")
-    >>> str(ins), ins.mb, ins.src_ranks
-    ('SEND mb3 %policy_out r0-r3->r4-r7', 3, (0, 1, 2, 3))
+    >>> ins = Instruction.parse("SEND %policy_out[w3] r0-r3->r4-r7", phase="env")
+    >>> str(ins), ins.node, ins.wave, ins.src_ranks
+    ('SEND %policy_out[w3] r0-r3->r4-r7', 'policy_out', 3, (0, 1, 2, 3))
 
 Opcodes (``op``):
 
-- ``RUN model.method[mbN]``: the model's step on this rank's share of wave N;
-- ``SEND mbN %node A->B`` / ``RECV mbN %node A->B``: wave N of a node's output from rank
+- ``RUN %node model.method[wN]``: the node's model call on this rank's share of wave N
+  (``[stepN]`` for a non-training call of a trainer flow: global step N);
+- ``SEND %node[wN] A->B`` / ``RECV %node[wN] A->B``: wave N of a node's output from rank
   group A to rank group B (a pair; every rank of both groups takes part);
-- ``GATHER mbN %node A->B``: eval outputs collected on rank 0's group;
-- ``TRAIN model[stepN]``: one optimizer step (all data-parallel ranks of the model);
+- ``GATHER %node[wN] A->B``: the phase's returned output collected on every rank of B
+  (the env's output on each trainer group, eval outputs on rank 0's group);
+- ``TRAIN %node model[stepN]``: one optimizer step (all data-parallel ranks of the model);
 - ``SYNC src->dst``: in-place weight copy between models on the same ranks;
 - ``BCAST src->dst bucketN A->B``: one bucket of weights broadcast across groups;
 - ``FREE model`` / ``LOAD model``: offload a model's device memory / bring it back.
@@ -35,6 +40,7 @@ from flowgraph.errors import PlanError
 OPS = ("RUN", "SEND", "RECV", "GATHER", "TRAIN", "SYNC", "BCAST", "FREE", "LOAD")
 COMMUNICATION = ("SEND", "RECV", "GATHER", "BCAST")
 PHASES = ("env", "train", "sync", "eval")
+TRAIN_METHOD = "train_step"
 
 
 def parse_ranks(text: str) -> tuple[int, ...]:
@@ -51,34 +57,130 @@ def parse_ranks(text: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class NodeSpec:
+    """One model call of a phase: ``%name = model.method(*inputs)``, recorded at ``source``.
+
+    >>> print(NodeSpec("ref_out", "reference", "forward_step", ("policy_out",), "ppo.py:41"))
+    %ref_out = call_model[reference.forward_step](%policy_out)  # ppo.py:41
+    """
+
+    name: str
+    model: str
+    method: str
+    inputs: tuple[str, ...]
+    source: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"{self.model}.{self.method}"
+
+    @property
+    def trains(self) -> bool:
+        return self.method == TRAIN_METHOD
+
+    def call_text(self) -> str:
+        args = ", ".join(f"%{i}" for i in self.inputs)
+        return f"%{self.name} = call_model[{self.target}]({args})"
+
+    def __str__(self) -> str:
+        return f"{self.call_text()}  # {self.source}" if self.source else self.call_text()
+
+
+@dataclass
+class PhaseSpec:
+    """The nodes one phase runs (``env``, ``train`` or ``eval``), in flow order.
+
+    ``input`` names the flow's batch argument, ``returned`` the node whose value the phase
+    returns (``None``: nothing), ``width`` the micro-batches per wave (the least common
+    multiple of the phase's mesh sizes; 1 for ``train``, whose iterations are global steps).
+    """
+
+    flow: str
+    input: str
+    nodes: list[NodeSpec]
+    returned: str | None
+    width: int = 1
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise PlanError(f"flow {self.flow} has no node %{name}")
+
+    def models(self) -> list[str]:
+        """Model names in order of first call."""
+        return list(dict.fromkeys(n.model for n in self.nodes))
+
+    def producer(self, name: str) -> str:
+        """Who made value ``name``, for messages: the flow input or a node and its line."""
+        if name == self.input:
+            return f"the flow input %{name}"
+        node = self.node(name)
+        return f"{node.target} ({node.source})"
+
+    def __str__(self) -> str:
+        lines = [f"flow {self.flow}({self.input}):"]
+        lines += [f"  {node}" for node in self.nodes]
+        lines.append(f"  return %{self.returned}" if self.returned else "  return")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """One ``set_parameter_sync(src, dst)``: ``buckets`` broadcasts when not colocated."""
+
+    src: str
+    dst: str
+    buckets: int = 1
+
+
+@dataclass(frozen=True)
 class Instruction:
     """One step of a rank group's stream. ``str()`` and ``parse()`` round-trip."""
 
     op: str
     phase: str
-    target: str = ""  # "policy.forward_step", "%policy_out", "ppo_policy->policy", "policy"
-    mb: int | None = None
+    node: str = ""  # RUN/TRAIN/SEND/RECV/GATHER: the node whose value is made or moved
+    model: str = ""  # RUN/TRAIN/FREE/LOAD
+    method: str = ""  # RUN/TRAIN
+    wave: int | None = None
     step: int | None = None
     bucket: int | None = None
     src_ranks: tuple[int, ...] = ()
     dst_ranks: tuple[int, ...] = ()
+    src: str = ""  # SYNC/BCAST: the trained model
+    dst: str = ""  # SYNC/BCAST: the inference copy
 
     def __str__(self) -> str:
         route = f"{format_ranks(self.src_ranks)}->{format_ranks(self.dst_ranks)}"
         if self.op == "RUN":
-            return f"RUN {self.target}[mb{self.mb}]"
+            return f"RUN %{self.node} {self.model}.{self.method}[{self.at}]"
         if self.op in ("SEND", "RECV", "GATHER"):
-            return f"{self.op} mb{self.mb} {self.target} {route}"
+            return f"{self.op} %{self.node}[{self.at}] {route}"
         if self.op == "TRAIN":
-            return f"TRAIN {self.target}[step{self.step}]"
+            return f"TRAIN %{self.node} {self.model}[{self.at}]"
+        if self.op == "SYNC":
+            return f"SYNC {self.src}->{self.dst}"
         if self.op == "BCAST":
-            return f"BCAST {self.target} bucket{self.bucket} {route}"
-        return f"{self.op} {self.target}"
+            return f"BCAST {self.src}->{self.dst} bucket{self.bucket} {route}"
+        return f"{self.op} {self.model}"
 
     @property
-    def model(self) -> str:
-        """The model a RUN/TRAIN/FREE/LOAD acts on."""
-        return self.target.split(".")[0].split("->")[0]
+    def at(self) -> str:
+        """``wN`` (a wave of micro-batches) or ``stepN`` (a global step of training)."""
+        return f"w{self.wave}" if self.wave is not None else f"step{self.step}"
+
+    @property
+    def index(self) -> int:
+        """The wave or the global step this instruction works on."""
+        return self.wave if self.wave is not None else self.step
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models this instruction acts on (none for transfers)."""
+        if self.op in ("SYNC", "BCAST"):
+            return (self.src, self.dst)
+        return (self.model,) if self.model else ()
 
     @property
     def is_communication(self) -> bool:
@@ -87,7 +189,8 @@ class Instruction:
     def key(self) -> tuple:
         """Matching key: a SEND meets the RECV with the same key, a collective meets itself."""
         op = "P2P" if self.op in ("SEND", "RECV") else self.op
-        return (op, self.phase, self.target, self.mb, self.bucket, self.src_ranks, self.dst_ranks)
+        return (op, self.phase, self.node, self.wave, self.step, self.bucket, self.src,
+                self.dst, self.src_ranks, self.dst_ranks)  # fmt: skip
 
     @classmethod
     def parse(cls, text: str, phase: str) -> Instruction:
@@ -102,20 +205,33 @@ class Instruction:
     @classmethod
     def _parse(cls, op: str, rest: str, phase: str) -> Instruction:
         if op == "RUN":
-            target, mb = re.fullmatch(r"(\S+)\[mb(\d+)\]", rest).groups()
-            return cls(op, phase, target, mb=int(mb))
+            pattern = r"%(\S+) ([^\s.]+)\.(\S+)\[(\S+)\]"
+            node, model, method, at = re.fullmatch(pattern, rest).groups()
+            return cls(op, phase, node, model, method, **_at(at))
         if op == "TRAIN":
-            target, step = re.fullmatch(r"(\S+)\[step(\d+)\]", rest).groups()
-            return cls(op, phase, target, step=int(step))
+            node, model, at = re.fullmatch(r"%(\S+) (\S+)\[(\S+)\]", rest).groups()
+            return cls(op, phase, node, model, TRAIN_METHOD, **_at(at))
         if op in ("SEND", "RECV", "GATHER"):
-            mb, target, route = re.fullmatch(r"mb(\d+) (\S+) (\S+)", rest).groups()
-            return cls(op, phase, target, mb=int(mb), **_route(route))
+            node, at, route = re.fullmatch(r"%(\S+)\[(\S+)\] (\S+)", rest).groups()
+            return cls(op, phase, node, **_at(at), **_route(route))
+        if op == "SYNC":
+            src, dst = re.fullmatch(r"(\S+?)->(\S+)", rest).groups()
+            return cls(op, phase, src=src, dst=dst)
         if op == "BCAST":
-            target, bucket, route = re.fullmatch(r"(\S+) bucket(\d+) (\S+)", rest).groups()
-            return cls(op, phase, target, bucket=int(bucket), **_route(route))
+            src, dst, bucket, route = re.fullmatch(
+                r"(\S+?)->(\S+) bucket(\d+) (\S+)", rest
+            ).groups()
+            return cls(op, phase, bucket=int(bucket), src=src, dst=dst, **_route(route))
         if not rest or " " in rest:
             raise ValueError(rest)
-        return cls(op, phase, rest)
+        return cls(op, phase, model=rest)
+
+
+def _at(text: str) -> dict[str, int]:
+    """``'w3'`` -> ``{"wave": 3}``, ``'step2'`` -> ``{"step": 2}``."""
+    match = re.fullmatch(r"w(\d+)|step(\d+)", text)
+    wave, step = match.groups()
+    return {"wave": int(wave)} if wave is not None else {"step": int(step)}
 
 
 def _route(text: str) -> dict[str, tuple[int, ...]]:
@@ -176,6 +292,8 @@ class Plan:
 
     cluster: ClusterSpec
     placement: list[PlacementEntry]
+    phases: dict[str, PhaseSpec]  # the node tables: {"env": ..., "train": ..., "eval": ...}
+    syncs: list[SyncSpec]
     streams: list[RankStream]
     steps: list[list[int]]  # logical step of each instruction, per stream
     times: list[list[list[float]]]  # estimated [start, end] seconds of each instruction
@@ -211,11 +329,19 @@ class Plan:
                 phase, _, body = line.partition(" ")
                 instructions.append(Instruction.parse(body, phase))
             streams.append(RankStream(parse_ranks(s["ranks"]), s["models"], instructions))
+        phases = {
+            name: PhaseSpec(**{**spec, "nodes": [
+                NodeSpec(**{**n, "inputs": tuple(n["inputs"])}) for n in spec["nodes"]
+            ]})
+            for name, spec in data["phases"].items()
+        }  # fmt: skip
         return cls(
             cluster=ClusterSpec(**data["cluster"]),
             placement=[
                 PlacementEntry(**{**p, "ranks": parse_ranks(p["ranks"])}) for p in data["placement"]
             ],
+            phases=phases,
+            syncs=[SyncSpec(**sync) for sync in data["syncs"]],
             streams=streams,
             steps=data["steps"],
             times=data["times"],
@@ -227,6 +353,24 @@ class Plan:
     def hash(self) -> str:
         """A digest every rank compares with rank 0's before running."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def layout_hash(self) -> str:
+        """A digest of where models live and what every rank runs (not the flows' source
+        lines): DeepSpeed's per-rank checkpoint state is only valid for the same one."""
+        data = self.to_dict()
+        layout = {"placement": data["placement"], "streams": data["streams"]}
+        return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+
+    def mesh(self, model: str) -> tuple[int, ...]:
+        """The ranks ``model`` lives on."""
+        for entry in self.placement:
+            if entry.model == model:
+                return entry.ranks
+        raise PlanError(f"model {model!r} is not placed in this plan")
+
+    def hosted(self, rank: int) -> list[str]:
+        """The models ``rank`` hosts, in placement order."""
+        return [p.model for p in self.placement if rank in p.ranks]
 
     def stream_of(self, rank: int) -> RankStream:
         """The stream ``rank`` runs."""

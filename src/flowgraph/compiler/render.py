@@ -57,7 +57,7 @@ def to_dot(graphs: Mapping[str, Graph], plan: Plan) -> str:
     for stream in plan.streams:
         for ins in stream.instructions:
             if ins.op in ("SYNC", "BCAST") and (ins.op == "SYNC" or ins.bucket == 0):
-                src, dst = ins.target.split("->")
+                src, dst = ins.src, ins.dst
                 if src in trainers and dst in first_node:
                     edge = (
                         f'  "{trainers[src]}" -> "{first_node[dst]}" [style=dashed, label="sync"];'

@@ -1,8 +1,8 @@
 """Schedule pass: one instruction stream per rank group for one episode.
 
-Phases run in order: ``env`` (the env graph over micro-batch waves), ``train`` (the
-trainer graph once per global step), ``sync`` (trainer -> inference weights), ``eval``
-(the eval graph; the runtime runs it only on evaluation episodes).
+Phases run in order: ``env`` (the env flow over micro-batch waves), ``train`` (the
+trainer flow once per global step), ``sync`` (trainer -> inference weights), ``eval``
+(the eval flow; the runtime runs it only on evaluation episodes).
 
 A *wave* is ``L`` consecutive micro-batches, ``L`` the least common multiple of the mesh
 sizes involved, so every rank of every mesh handles ``L / mesh size`` micro-batches per
@@ -10,37 +10,36 @@ wave and all ranks of a group share one stream. Groups with one model step throu
 one by one (disjoint groups pipeline: policy works on wave 1 while reward scores wave 0);
 groups of colocated models run stage by stage (all waves of one model, then the next),
 which keeps device memory for one model at a time. A node's output is sent (asynchronously)
-once to every other group that consumes it, right after it is produced, and received
-right before its first use. At the end of the env phase the env's output is gathered on
-every rank of each trainer group (trainers shuffle the whole episode's data into global
-steps); eval outputs are gathered on rank 0's group.
+once to every other group that consumes it, right after it is produced. At the end of the
+env phase the env's output is gathered on every rank of each trainer group (trainers
+shuffle the whole episode's data into global steps); eval outputs are gathered on rank
+0's group.
+
+Receives follow the sender's order: for every ordered pair of groups, the receiver takes
+the pair's messages in exactly the order the sender sends them, receiving (and keeping) an
+earlier message before the one it needs next when the orders would differ. NCCL ignores
+point-to-point tags and matches messages between two ranks in order, so a plan is correct
+on NCCL only this way; sends are asynchronous, so receiving early never waits longer.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
-from flowgraph.compiler.graph import TRAIN_METHOD, Graph
 from flowgraph.compiler.placement import Layout
-from flowgraph.compiler.plan import Instruction, RankStream
+from flowgraph.compiler.plan import Instruction, NodeSpec, PhaseSpec, RankStream, SyncSpec
 from flowgraph.errors import PlanError
 
 
 @dataclass(frozen=True)
-class SyncPair:
-    src: str
-    dst: str
-    buckets: int
-
-
-@dataclass(frozen=True)
 class ScheduleInput:
-    """The traced graphs by role, the layout, syncs and micro-batch counts."""
+    """The lowered phases, the layout, syncs and micro-batch counts."""
 
-    graphs: dict[str, Graph]
+    phases: dict[str, PhaseSpec]
     layout: Layout
-    syncs: tuple[SyncPair, ...]
+    syncs: tuple[SyncSpec, ...]
     env_microbatches: int
     eval_microbatches: int
     train_steps: int
@@ -59,16 +58,21 @@ class _Builder:
         self.streams[group].instructions.append(ins)
 
     def transfer(
-        self, op: str, phase: str, node: str, wave: int, src: int, dst: int
+        self, op: str, phase: str, node: str, index: int, src: int, dst: int
     ) -> Instruction:
         return Instruction(
             op,
             phase,
-            f"%{node}",
-            mb=wave,
+            node,
+            **_index(phase, index),
             src_ranks=self.streams[src].ranks,
             dst_ranks=self.streams[dst].ranks,
         )
+
+
+def _index(phase: str, index: int) -> dict[str, int]:
+    """Waves in env/eval, global steps in train."""
+    return {"step": index} if phase == "train" else {"wave": index}
 
 
 def waves_for(meshes: list[int], microbatches: int, phase: str, exact: bool) -> int:
@@ -85,50 +89,64 @@ def waves_for(meshes: list[int], microbatches: int, phase: str, exact: bool) -> 
     return max(1, math.ceil(microbatches / width))
 
 
-def _graph_phase(b: _Builder, graph: Graph, phase: str, waves: int) -> None:
-    """Schedule one graph over ``waves`` iterations (waves, or global steps for train).
-
-    Every group's stream is built on its own: RECV right before the first use of a remote
-    input, RUN/TRAIN, then an (asynchronous) SEND to every other group that consumes the
-    output.
-    """
-    calls = graph.calls()
-    input_name = graph.input_node.name
-    consumers: dict[str, set[int]] = {n.name: set() for n in calls}
-    for node in calls:
-        for producer in node.inputs:
-            if producer != input_name:
-                consumers[producer].add(b.group_of[node.model])
+def _work_order(b: _Builder, spec: PhaseSpec, iterations: int) -> list[list[tuple[NodeSpec, int]]]:
+    """Per group, the (node, iteration) pairs it computes, in order."""
+    orders = []
     for group in range(len(b.streams)):
-        own = [n for n in calls if b.group_of[n.model] == group]
+        own = [n for n in spec.nodes if b.group_of[n.model] == group]
         if len({n.model for n in own}) > 1:  # colocated: stage by stage
-            order = [(n, w) for n in own for w in range(waves)]
+            orders.append([(n, i) for n in own for i in range(iterations)])
         else:  # alone: wave by wave, so disjoint groups pipeline
-            order = [(n, w) for w in range(waves) for n in own]
-        received: set[tuple[str, int]] = set()
-        for node, wave in order:
-            for producer in node.inputs:
-                src = None if producer == input_name else b.group_of[graph.node(producer).model]
-                if src is not None and src != group and (producer, wave) not in received:
-                    received.add((producer, wave))
-                    b.emit(group, b.transfer("RECV", phase, producer, wave, src, group))
-            if node.method == TRAIN_METHOD:
-                b.emit(group, Instruction("TRAIN", phase, node.model, step=wave))
-            else:
-                b.emit(group, Instruction("RUN", phase, node.target, mb=wave))
+            orders.append([(n, i) for i in range(iterations) for n in own])
+    return orders
+
+
+def _graph_phase(b: _Builder, spec: PhaseSpec, phase: str, iterations: int) -> None:
+    """Schedule one phase over ``iterations`` (waves, or global steps for train).
+
+    Every group computes its nodes and sends each output (asynchronously) to every other
+    group that consumes it; before a node needs a remote input, the group receives from
+    that sender, in the sender's order, up to and including the input.
+    """
+    consumers: dict[str, set[int]] = {n.name: set() for n in spec.nodes}
+    for node in spec.nodes:
+        for producer in node.inputs:
+            if producer != spec.input:
+                consumers[producer].add(b.group_of[node.model])
+    orders = _work_order(b, spec, iterations)
+    outgoing: dict[tuple[int, int], deque[tuple[str, int]]] = defaultdict(deque)
+    for group, order in enumerate(orders):
+        for node, i in order:
             for dst in sorted(consumers[node.name] - {group}):
-                b.emit(group, b.transfer("SEND", phase, node.name, wave, group, dst))
+                outgoing[(group, dst)].append((node.name, i))
+    for group, order in enumerate(orders):
+        received: set[tuple[str, int]] = set()
+        for node, i in order:
+            for producer in node.inputs:
+                if producer == spec.input:
+                    continue
+                src = b.group_of[spec.node(producer).model]
+                queue = outgoing[(src, group)]
+                while src != group and (producer, i) not in received:
+                    name, j = queue.popleft()
+                    b.emit(group, b.transfer("RECV", phase, name, j, src, group))
+                    received.add((name, j))
+            op = "TRAIN" if node.trains else "RUN"
+            b.emit(group, Instruction(op, phase, node.name, node.model, node.method,
+                                      **_index(phase, i)))  # fmt: skip
+            for dst in sorted(consumers[node.name] - {group}):
+                b.emit(group, b.transfer("SEND", phase, node.name, i, group, dst))
 
 
-def _gather(b: _Builder, graph: Graph, phase: str, waves: int, dst: int) -> None:
-    """Collect the graph's returned output on every rank of group ``dst``: one collective
+def _gather(b: _Builder, spec: PhaseSpec, phase: str, waves: int, dst: int) -> None:
+    """Collect the phase's returned output on every rank of group ``dst``: one collective
     per wave, after both groups' own work in the phase (an all-gather when ``dst`` is the
     producing group itself)."""
-    if graph.returned is None:
+    if spec.returned is None:
         return
-    src = b.group_of[graph.returned.model]
+    src = b.group_of[spec.node(spec.returned).model]
     for wave in range(waves):
-        ins = b.transfer("GATHER", phase, graph.returned.name, wave, src, dst)
+        ins = b.transfer("GATHER", phase, spec.returned, wave, src, dst)
         b.emit(src, ins)
         if dst != src:
             b.emit(dst, ins)
@@ -137,9 +155,9 @@ def _gather(b: _Builder, graph: Graph, phase: str, waves: int, dst: int) -> None
 def schedule(inp: ScheduleInput) -> list[RankStream]:
     """Per-group instruction streams for one episode (streams are in layout order)."""
     b = _Builder(inp.layout)
-    env, trainer, evaluation = (inp.graphs.get(k) for k in ("env", "trainer", "eval"))
+    env, trainer, evaluation = (inp.phases.get(k) for k in ("env", "train", "eval"))
     mesh_size = {m: g.mesh.size for g in inp.layout.groups for m in g.models}
-    if env is not None:
+    if env is not None and env.nodes:
         env_waves = waves_for(
             [mesh_size[m] for m in env.models()], inp.env_microbatches, "env", exact=True
         )
@@ -152,20 +170,21 @@ def schedule(inp: ScheduleInput) -> list[RankStream]:
     for pair in inp.syncs:
         src, dst = b.group_of[pair.src], b.group_of[pair.dst]
         if src == dst:
-            b.emit(src, Instruction("SYNC", "sync", f"{pair.src}->{pair.dst}"))
+            b.emit(src, Instruction("SYNC", "sync", src=pair.src, dst=pair.dst))
             continue
         for bucket in range(pair.buckets):
             ins = Instruction(
                 "BCAST",
                 "sync",
-                f"{pair.src}->{pair.dst}",
                 bucket=bucket,
                 src_ranks=b.streams[src].ranks,
                 dst_ranks=b.streams[dst].ranks,
+                src=pair.src,
+                dst=pair.dst,
             )
             b.emit(src, ins)
             b.emit(dst, ins)
-    if evaluation is not None and evaluation.calls():
+    if evaluation is not None and evaluation.nodes:
         eval_waves = waves_for(
             [mesh_size[m] for m in evaluation.models()], inp.eval_microbatches, "eval", exact=False
         )
@@ -190,20 +209,12 @@ def _insert_offload(stream: RankStream, offloaded: frozenset[str]) -> None:
         touched = [m for m in stream.models if m in offloaded]
         first, last = {}, {}
         for i, ins in enumerate(instructions):
-            for m in _models_of(ins):
+            for m in ins.models:
                 if m in touched:
                     first.setdefault(m, i)
                     last[m] = i
         for i, ins in enumerate(instructions):
-            result += [Instruction("LOAD", phase, m) for m in touched if first.get(m) == i]
+            result += [Instruction("LOAD", phase, model=m) for m in touched if first.get(m) == i]
             result.append(ins)
-            result += [Instruction("FREE", phase, m) for m in touched if last.get(m) == i]
+            result += [Instruction("FREE", phase, model=m) for m in touched if last.get(m) == i]
     stream.instructions = result
-
-
-def _models_of(ins: Instruction) -> list[str]:
-    if ins.op in ("RUN", "TRAIN"):
-        return [ins.model]
-    if ins.op in ("SYNC", "BCAST"):
-        return ins.target.split("->")
-    return []

@@ -3,9 +3,11 @@
 Semantics (what the runtime implements): ``SEND`` is asynchronous (it completes locally;
 the batch waits at the receiver), ``RECV`` blocks until its ``SEND`` was issued,
 ``BCAST`` and ``GATHER`` are collectives that every member group must reach; everything
-else is local. The run proves that every send has its receive, every collective is
-entered by all its members in the same order, and nothing waits forever; it returns the
-estimated time of every instruction and a logical step number for the Step x Rank grid.
+else is local. The run proves that every send has its receive, that every pair of groups
+receives in the order it sends (NCCL matches messages in order and ignores tags), every
+collective is entered by all its members in the same order, and nothing waits forever;
+it returns the estimated time of every instruction and a logical step number for the
+Step x Rank grid.
 
 A plan that would hang is rejected with the instructions involved::
 
@@ -82,11 +84,36 @@ def check_matching(streams: Sequence[RankStream]) -> None:
             raise PlanError(f"collective `{ins}` ({streams[i].name}) is never entered by {names}")
 
 
+def check_pair_order(streams: Sequence[RankStream]) -> None:
+    """For every ordered pair of groups, the receiver's RECVs come in the order of the
+    sender's SENDs. NCCL ignores point-to-point tags and matches the messages between two
+    ranks in the order they were posted, so any other order delivers the wrong batch."""
+    owner = _stream_index(streams)
+    sent: dict[tuple[int, int], list[Instruction]] = {}
+    received: dict[tuple[int, int], list[Instruction]] = {}
+    for stream in streams:
+        for ins in stream.instructions:
+            if ins.op in ("SEND", "RECV"):
+                pair = (owner[ins.src_ranks[0]], owner[ins.dst_ranks[0]])
+                (sent if ins.op == "SEND" else received).setdefault(pair, []).append(ins)
+    for pair, sends in sent.items():
+        for position, (send, recv) in enumerate(zip(sends, received.get(pair, []), strict=False)):
+            if send.key() != recv.key():
+                src, dst = (streams[i].name for i in pair)
+                raise PlanError(
+                    f"{src} sends to {dst} in another order than {dst} receives: message "
+                    f"{position} is `{send}` but {dst} expects `{recv}` there; NCCL matches "
+                    "messages between two ranks in order (it ignores tags), so the receives "
+                    "must follow the sends"
+                )
+
+
 def simulate(
     streams: Sequence[RankStream], duration: Callable[[int, Instruction], float], world: int
 ) -> Simulation:
     """Run all streams; ``duration(stream_index, ins)`` gives each instruction's seconds."""
     check_matching(streams)
+    check_pair_order(streams)
     owner = _stream_index(streams)
     n = len(streams)
     pc = [0] * n

@@ -128,23 +128,3 @@ def _deepspeed(module: DeepSpeedModule, group: object | None, mesh_size: int,
         dist_init_required=False,
     )
     module.engine, module.model, module.optimizer = engine, engine, optimizer
-
-
-def check_zero3_meshes(modules: dict, plan: object, config: object) -> None:
-    """ZeRO-3 only on a mesh of every rank: DeepSpeed 0.19 calls a world-wide barrier while
-    it partitions the model, which ranks outside the mesh never reach."""
-    world = plan.cluster.world_size
-    for p in plan.placement:
-        module = modules[p.model]
-        settings = config.model(p.model)
-        if (
-            isinstance(module, DeepSpeedModule)
-            and settings.zero_stage == 3
-            and len(p.ranks) != world
-        ):
-            raise ConfigError(
-                f"models.{p.model}: zero_stage 3 on ranks {list(p.ranks)} of {world}: DeepSpeed "
-                "partitions ZeRO-3 models with a barrier over all ranks, so the trainer's mesh "
-                f"must cover every rank; colocate it with the other models "
-                f"(runtime.colocation, num_gpu: {world}) or use zero_stage 1 or 2"
-            )

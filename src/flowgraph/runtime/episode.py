@@ -1,4 +1,4 @@
-"""What an episode's data is, shared by every runner so that 1 and N ranks agree.
+"""What an episode's data is: a function of the config and the episode, on every rank.
 
 - ``env_micro_batches``: the episode's samples, drawn by ``(seed, episode)``, collated
   into micro-batches of ``generation_batch_size`` (micro-batch *k* is the same batch on

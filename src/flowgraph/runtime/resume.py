@@ -1,4 +1,4 @@
-"""What a run saves at a checkpoint and restores when it resumes (both runners use it).
+"""What a run saves at a checkpoint and restores when it resumes.
 
 ``RunCheckpoints.restore`` is called twice at the start of ``learn()``: for the trainable
 models before the first parameter sync (so that the inference copies start from the
@@ -7,7 +7,7 @@ did not recompute gets its own saved weights back).
 
 Example::
 
-    checkpoints = RunCheckpoints(job, rank=0, world_size=1, mesh={"policy": (0,)})
+    checkpoints = RunCheckpoints(job, plan, comm)
     start, history = checkpoints.restore(trainable=True)   # (0, []) on a fresh run
 """
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from flowgraph.compiler.plan import Plan
 from flowgraph.module import BaseModule, DeepSpeedModule
 from flowgraph.runtime.checkpoint import (
     Checkpoint,
@@ -27,26 +27,24 @@ from flowgraph.runtime.checkpoint import (
     check_compatible,
     save_object,
 )
+from flowgraph.runtime.comm import Communicator
+from flowgraph.runtime.job import Job
 from flowgraph.runtime.rng import rng_state, set_rng_state
 from flowgraph.runtime.telemetry import EpisodeRecord
 
 log = logging.getLogger("flowgraph")
 
-if TYPE_CHECKING:  # local.py imports this module
-    from flowgraph.runtime.local import Job
 
-
-def flow_fingerprint(job: Job) -> str:
+def flow_fingerprint(plan: Plan) -> str:
     """A hash of what the flows call and which models train and sync (not source lines:
     editing a comment above a flow does not invalidate checkpoints)."""
     parts = []
-    graphs = {"env": job.env, "train": job.trainer, "eval": job.eval and job.eval.graph}
-    for name, graph in graphs.items():
-        if graph is not None:
-            parts.append(name + ":" + ";".join(str(node) for node in graph))
-    models = sorted(job.modules.items())
-    parts.append("models:" + ",".join(f"{n}={int(m.trainable)}" for n, m in models))
-    parts.append("syncs:" + ",".join(f"{s.name}->{d.name}" for s, d in job.syncs))
+    for name, spec in plan.phases.items():
+        calls = ";".join(node.call_text() for node in spec.nodes)
+        parts.append(f"{name}:{spec.input}:{calls}:return {spec.returned}")
+    roles = sorted((p.model, p.role) for p in plan.placement)
+    parts.append("models:" + ",".join(f"{n}={int(role == 'trainer')}" for n, role in roles))
+    parts.append("syncs:" + ",".join(f"{s.src}->{s.dst}" for s in plan.syncs))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -72,27 +70,21 @@ def _per_rank(module: BaseModule) -> bool:
 class RunCheckpoints:
     """Checkpointing of one rank of a run: which models it writes and loads, when."""
 
-    def __init__(
-        self,
-        job: Job,
-        rank: int,
-        world_size: int,
-        mesh: Mapping[str, tuple[int, ...]],
-        barrier: Callable[[], None] = lambda: None,
-        agree: Callable[[bool], bool] = lambda ok: ok,
-        plan_hash: str | None = None,
-    ) -> None:
-        self.job, self.rank, self.world_size, self.mesh = job, rank, world_size, mesh
-        self.agree, self.plan_hash = agree, plan_hash
+    def __init__(self, job: Job, plan: Plan, comm: Communicator) -> None:
+        self.job, self.comm = job, comm
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self.mesh = {p.model: p.ranks for p in plan.placement}
+        self.plan_hash = plan.layout_hash()
+        self.trains = "train" in plan.phases
         runtime = job.config.runtime
         self.interval = runtime.save_episode_interval
         self.store = None
         if runtime.checkpoint_dir:
             self.store = CheckpointStore(
-                runtime.checkpoint_dir, runtime.max_checkpoints, rank, world_size, barrier,
-                runtime.checkpoint_checksums,
+                runtime.checkpoint_dir, runtime.max_checkpoints, self.rank, self.world_size,
+                comm.barrier, runtime.checkpoint_checksums,
             )  # fmt: skip
-        self.fingerprint = flow_fingerprint(job)
+        self.fingerprint = flow_fingerprint(plan)
         self.resumed: Checkpoint | None = None
         self.states: dict[str, object] = {}
         if self.store is not None and runtime.resume:
@@ -105,14 +97,9 @@ class RunCheckpoints:
     def due(self, episode: int) -> bool:
         return bool(self.store and self.interval and episode % self.interval == 0)
 
-    def saved_models(self, episode: int) -> list[str]:
-        """Trainable models, and inference models that this episode's sync did not just
-        recompute from a trainer."""
-        synced = {
-            dst.name
-            for _, dst in self.job.syncs
-            if episode % self.job.config.model(dst.name).sync_frequency == 0
-        }
+    def saved_models(self, synced: Collection[str]) -> list[str]:
+        """Trainable models, and inference models that this episode's sync (into the
+        models ``synced``) did not just recompute from a trainer."""
         return [n for n, m in self.job.modules.items() if m.trainable or n not in synced]
 
     def position(self, episode: int) -> dict[str, int]:
@@ -122,14 +109,17 @@ class RunCheckpoints:
         steps = runtime.num_training_epoch * runtime.rows_per_episode // runtime.global_batch_size
         return {"episode": episode, "seed": runtime.seed,
                 "samples": episode * runtime.sample_per_episode,
-                "optimizer_steps": episode * steps if self.job.trainer else 0}  # fmt: skip
+                "optimizer_steps": episode * steps if self.trains else 0}  # fmt: skip
 
-    def save(self, record: EpisodeRecord, history: list[EpisodeRecord]) -> Path:
-        """Checkpoint after ``record``'s episode (``history``: the records before it); the
-        time it takes goes into the record's ``checkpoint`` stage."""
+    def save(
+        self, record: EpisodeRecord, history: list[EpisodeRecord], synced: Collection[str]
+    ) -> Path:
+        """Checkpoint after ``record``'s episode (``history``: the records before it;
+        ``synced``: the models its sync wrote into); the time it takes goes into the
+        record's ``checkpoint`` stage."""
         start = time.perf_counter()
         episode = record.episode
-        names = self.saved_models(episode)
+        names = self.saved_models(synced)
 
         def write_files(directory: Path) -> None:
             for name in names:
@@ -168,7 +158,7 @@ class RunCheckpoints:
             except Exception as err:  # noqa: BLE001 - any unreadable file disqualifies it
                 states, problem = {}, f"rank {self.rank}: {type(err).__name__}: {err}"
                 log.warning("flowgraph: %s cannot be read on %s", checkpoint, problem)
-            if self.agree(problem is None):
+            if all(self.comm.all_gather_objects(problem is None)):
                 return checkpoint, states
             self.store.warn_skipped(checkpoint.path, problem or "another rank could not read it")
         return None, {}

@@ -1,0 +1,210 @@
+"""The episode loop, once, for one process and for every rank of a torchrun job.
+
+A run: set up the models this rank hosts (``setup()``, then DDP/DeepSpeed for trainers,
+offload bookkeeping, sync plans), resume from the newest checkpoint, sync every pair once
+so that inference copies start from the trainers, evaluate before training when asked,
+then per episode: ``env`` (draw ``sample_per_episode`` samples, stream them through the
+env flow), ``train`` (the episode's output in global steps, ``num_training_epoch`` passes),
+``sync`` (the pairs whose destination's ``sync_frequency`` divides the episode number),
+``eval`` (when ``eval_episode_interval`` divides it), one record (stage times of the
+slowest rank, metrics averaged over ranks), a checkpoint when due, a log line.
+
+Example::
+
+    records = EpisodeLoop(plan, job, LocalComm()).run()
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from flowgraph.compiler.plan import Plan
+from flowgraph.data import batch_size
+from flowgraph.runtime.backends import prepare
+from flowgraph.runtime.comm import Communicator
+from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches
+from flowgraph.runtime.interpreter import Episode, Hosted, Interpreter
+from flowgraph.runtime.job import Job
+from flowgraph.runtime.offload import Offload
+from flowgraph.runtime.resume import RunCheckpoints
+from flowgraph.runtime.rng import reseed
+from flowgraph.runtime.sync import CrossSync, SyncPlan
+from flowgraph.runtime.telemetry import EpisodeRecord, Reporter
+from flowgraph.runtime.timeline import Timeline, write_trace
+
+PHASES = ("env", "train", "sync", "eval")
+
+
+class EpisodeLoop:
+    """Runs ``job`` on this rank following ``plan``; ``run()`` returns the episode records
+    (on rank 0; other ranks return an empty list)."""
+
+    def __init__(self, plan: Plan, job: Job, comm: Communicator) -> None:
+        self.plan, self.job, self.comm = plan, job, comm
+        self.runtime = job.config.runtime
+        self.rank = comm.rank
+        self.mesh = {p.model: p.ranks for p in plan.placement}
+        self.hosted = Hosted()
+        self.timeline = Timeline(self.rank, self.runtime.trace)
+        self.reporter = Reporter(self.runtime, job.log, enabled=self.rank == 0)
+        self.history: list[EpisodeRecord] = []
+
+    # -- the rules, once -----------------------------------------------------------------
+    def due_syncs(self, episode: int) -> frozenset[tuple[str, str]]:
+        """The sync pairs of ``episode``: all of them before the first (episode 0), else
+        those whose destination's ``sync_frequency`` divides the episode number."""
+        return frozenset(
+            (s.src, s.dst)
+            for s in self.plan.syncs
+            if episode == 0 or episode % self.job.config.model(s.dst).sync_frequency == 0
+        )
+
+    def eval_due(self, episode: int) -> bool:
+        """Evaluate after episodes whose number ``eval_episode_interval`` divides (and at
+        episode 0, the evaluation before training)."""
+        interval = self.runtime.eval_episode_interval
+        return "eval" in self.plan.phases and (
+            episode == 0 or bool(interval and episode % interval == 0)
+        )
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self) -> list[EpisodeRecord]:
+        self.setup()
+        self.checkpoints = RunCheckpoints(self.job, self.plan, self.comm)
+        start, history = self.checkpoints.restore(trainable=True)
+        self.interpreter.run_phase("sync", self._new_episode(0, ()))  # inference from trainers
+        self.checkpoints.restore(trainable=False)
+        if self.rank == 0:
+            self.history = history
+            self.reporter.restore(history)
+        if start == 0 and "eval" in self.plan.phases and self.runtime.enable_eval_before_training:
+            self._finish(self._episode(0, phases=("eval",)))
+        for episode in range(start + 1, self.runtime.num_episode + 1):
+            self._finish(self._episode(episode))
+        self._teardown()
+        if self.runtime.trace:
+            parts = self.comm.all_gather_objects(self.timeline.events)
+            if self.rank == 0:
+                write_trace(parts, Path(self.runtime.log_dir) / "trace.json")
+        self.reporter.close()
+        return self.history
+
+    def _new_episode(self, episode: int, phases: tuple[str, ...]) -> Episode:
+        inputs = {}
+        if "env" in phases or "train" in phases:  # with no env flow, trainers take the samples
+            inputs["env"] = env_micro_batches(self.job.dataset, self.runtime, episode)
+        if "eval" in phases:
+            inputs["eval"] = eval_micro_batches(self.job.eval_dataset, self.runtime)
+        return Episode(episode, inputs, self.due_syncs(episode))
+
+    def _episode(self, episode: int, phases: tuple[str, ...] = PHASES) -> EpisodeRecord:
+        phases = tuple(
+            p for p in phases
+            if (p in self.plan.phases or p == "sync") and (p != "eval" or self.eval_due(episode))
+        )  # fmt: skip
+        data = self._new_episode(episode, phases)
+        for phase in phases:
+            if phase == "sync" and not data.syncs:
+                continue
+            with data.timer.stage(phase):
+                self.interpreter.run_phase(phase, data)
+        record = EpisodeRecord(episode, self.runtime.num_episode, samples=0)
+        if "env" in data.inputs:
+            record.samples = sum(batch_size(mb) for mb in data.inputs["env"])
+        record.stages.update(data.timer.seconds)
+        record.metrics.update(data.metrics.means())
+        if "eval" in phases and self.rank == 0:
+            metrics = self.job.post_process(data.returned("eval")) or {}
+            record.metrics.update({f"eval/{k}": v for k, v in metrics.items()})
+        return record
+
+    def _finish(self, record: EpisodeRecord) -> None:
+        """Merge the ranks' stage times (slowest rank) and metrics (mean) into rank 0's
+        record, checkpoint when due (every rank), then report it (rank 0)."""
+        parts = self.comm.all_gather_objects((record.stages, record.metrics))
+        stages: dict[str, float] = {}
+        sums: dict[str, list[float]] = defaultdict(list)
+        for rank_stages, rank_metrics in parts:
+            for key, seconds in rank_stages.items():
+                stages[key] = max(stages.get(key, 0.0), seconds)
+            for key, value in rank_metrics.items():
+                if not key.startswith("eval/"):
+                    sums[key].append(value)
+        record.stages = stages
+        record.metrics.update({k: sum(v) / len(v) for k, v in sums.items()})
+        if record.episode > 0 and self.checkpoints.due(record.episode):
+            synced = {dst for _, dst in self.due_syncs(record.episode)}
+            self.checkpoints.save(record, self.history, synced)
+        if self.rank == 0:
+            self.history.append(record)
+            self.reporter.report(record)
+
+    # -- set-up and teardown -------------------------------------------------------------
+    def setup(self) -> None:
+        """Set up the models this rank hosts and what the plan's instructions need."""
+        self.comm.new_groups(self._rank_sets())
+        trainers = {p.model for p in self.plan.placement if p.role == "trainer"}
+        for name, module in self.job.modules.items():
+            module.config = self.job.config
+            module.trainable = name in trainers
+        for name in self.plan.hosted(self.rank):
+            try:
+                self._setup_model(name)
+            except Exception as err:
+                self.comm.stop(f"rank {self.rank} failed while setting up model {name}", err)
+        try:
+            self._setup_syncs()
+        except Exception as err:
+            self.comm.stop(f"rank {self.rank} failed while preparing parameter syncs", err)
+        self.interpreter = Interpreter(self.plan, self.job, self.comm, self.hosted,
+                                       self.timeline)  # fmt: skip
+
+    def _setup_model(self, name: str) -> None:
+        module = self.job.modules[name]
+        reseed(self.runtime.seed, "setup", name)
+        module.setup()
+        if module.trainable:
+            ranks = self.mesh[name]
+            prepare(module, self.comm.group(ranks), len(ranks), self.runtime)
+        if self.job.config.model(name).offload:
+            self.hosted.offloads[name] = Offload(module)
+
+    def _setup_syncs(self) -> None:
+        bucket_bytes = self.runtime.sync_bucket_mb * 2**20
+        for sync in self.plan.syncs:
+            src, dst = self.job.modules[sync.src], self.job.modules[sync.dst]
+            src_ranks, dst_ranks = self.mesh[sync.src], self.mesh[sync.dst]
+            key = (sync.src, sync.dst)
+            if src_ranks == dst_ranks:
+                if self.rank in src_ranks:
+                    self.hosted.local_syncs[key] = SyncPlan.build(src, dst, bucket_bytes)
+            elif self.rank in src_ranks or self.rank in dst_ranks:
+                self.hosted.cross_syncs[key] = CrossSync(
+                    src, dst, sync.buckets, self.rank, src_ranks, dst_ranks
+                )
+
+    def _rank_sets(self) -> list[tuple[int, ...]]:
+        """Every process group the plan's instructions use (the same list on every rank)."""
+        sets = [s.ranks for s in self.plan.streams]
+        for stream in self.plan.streams:
+            for ins in stream.instructions:
+                if ins.op in ("GATHER", "BCAST"):
+                    sets.append(tuple(sorted(set(ins.src_ranks) | set(ins.dst_ranks))))
+                if ins.op == "BCAST":  # each bucket goes from one source rank to the destination
+                    sets += [tuple(sorted({r, *ins.dst_ranks})) for r in ins.src_ranks]
+        return sets
+
+    def _teardown(self) -> None:
+        for offload in self.hosted.offloads.values():
+            offload.load()  # the user's modules are whole again after learn()
+        for name in self.plan.hosted(self.rank):
+            module = self.job.modules[name]
+            network = getattr(module, "model", None)
+            if (
+                network is not None
+                and hasattr(network, "module")
+                and hasattr(network, "process_group")
+            ):
+                module.model = network.module  # unwrap DDP before its group goes away
+        self.comm.barrier()
