@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: install test demo bench lint format docs clean
+.PHONY: install test gpu-check demo bench lint format docs clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# The GPU tier (NCCL gather, offload of device memory): run on a machine with CUDA.
+gpu-check: install
+	$(PY) -m pytest -q -m gpu -rA tests/test_gpu.py
 
 demo: install
 	$(PY) examples/ppo.py

@@ -40,13 +40,19 @@ def test_one_process_trace_has_a_slice_for_every_model_call(ppo_run):
     runtime = load_config(str(Path(__file__).parent.parent / "examples" / "ppo.yaml")).runtime
     env_mbs = runtime.sample_per_episode // runtime.generation_batch_size
     steps = runtime.num_training_epoch * runtime.sample_per_episode // runtime.global_batch_size
+    waves = ["RUN %policy_out policy.forward_step", "RUN %ref_out reference.forward_step",
+             "RUN %value_out value.forward_step"]  # fmt: skip
     for k in range(env_mbs):
-        for target in ("policy.forward_step", "reference.forward_step", "value.forward_step"):
-            assert calls[f"RUN {target}[mb{k}]"] == 3, target
+        for run in waves:
+            assert calls[f"{run}[w{k}]"] == 3, run
     for k in range(steps):
-        assert calls[f"TRAIN ppo_policy[step{k}]"] == calls[f"TRAIN ppo_value[step{k}]"] == 3
-    assert calls["SYNC ppo_policy->policy"] == calls["SYNC ppo_value->value"] == 3
-    assert calls["RUN policy.eval_step[mb0]"] == 2  # before training and after episode 2
+        assert (calls[f"TRAIN %ppo_policy_train_step ppo_policy[step{k}]"]
+                == calls[f"TRAIN %ppo_value_train_step ppo_value[step{k}]"] == 3)  # fmt: skip
+    # the initial sync (inference copies start from the trainers), then one per episode
+    assert calls["SYNC ppo_policy->policy"] == calls["SYNC ppo_value->value"] == 4
+    assert calls["RUN %r0 policy.eval_step[w0]"] == 2  # before training and after episode 2
+    # a 1-rank plan: no transfers (a GATHER of one rank is the identity)
+    assert {name.split()[0] for name in calls} == {"RUN", "TRAIN", "SYNC", "GATHER"}
 
 
 def test_tensorboard_gets_every_metric_and_stage(ppo_run):
