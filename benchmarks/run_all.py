@@ -16,6 +16,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_checkpoint  # noqa: E402
 import bench_compile  # noqa: E402
+import bench_gather  # noqa: E402
 import bench_generation  # noqa: E402
 import bench_grpo  # noqa: E402
 import bench_overhead  # noqa: E402
@@ -35,6 +36,7 @@ def main() -> None:
         + bench_overhead.main()
         + bench_compile.main()
         + bench_transfer.main()
+        + bench_gather.main()
         + bench_runtime.main()
         + bench_sync.main()
         + bench_generation.main()

@@ -27,6 +27,7 @@ Opcodes (``op``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -102,10 +103,14 @@ class PhaseSpec:
     width: int = 1
 
     def node(self, name: str) -> NodeSpec:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise PlanError(f"flow {self.flow} has no node %{name}")
+        node = self._by_name.get(name)
+        if node is None:
+            raise PlanError(f"flow {self.flow} has no node %{name}")
+        return node
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, NodeSpec]:  # not a field: JSON and equality ignore it
+        return {node.name: node for node in self.nodes}
 
     def models(self) -> list[str]:
         """Model names in order of first call."""

@@ -96,12 +96,16 @@ class Interpreter:
             phase: Kernels(spec, job.modules, phase, check) for phase, spec in plan.phases.items()
         }
         self.values: dict[tuple[str, int], Any] = {}
+        self.total = 0  # micro-batches of the env or eval phase running
 
     # -- phases ----------------------------------------------------------------------
     def run_phase(self, phase: str, episode: Episode) -> None:
         """Run this rank's instructions of ``phase`` (for ``sync``: those of the due pairs)."""
         self.values = {}
         self.episode = episode
+        if phase in episode.inputs:
+            self.total = len(episode.inputs[phase])
+        drops = self.drops[phase] if phase in self.drops else {}
         for index, run in enumerate(self.runs.get(phase, [])):
             ins = run[0]
             if phase == "sync" and not self._sync_due(ins, episode):
@@ -111,8 +115,9 @@ class Interpreter:
                     self._execute(run)
             except Exception as err:
                 self._fail(ins, err)
-            for name, at in self.drops[phase].get(index, ()):
-                self._drop(phase, name, at)
+            if index in drops:
+                for name, at in drops[index]:
+                    self._drop(phase, name, at)
         if phase != "sync":
             self.comm.wait_sends()
         self.values = {}
@@ -145,9 +150,8 @@ class Interpreter:
         return self.plan.phases[phase]
 
     def _total(self, phase: str) -> int:
-        if phase == "train":
-            return len(self._steps())
-        return len(self.episode.inputs[phase])
+        """Micro-batches (env, eval) or global steps (train) of the phase running."""
+        return len(self._steps()) if phase == "train" else self.total
 
     def _value(self, phase: str, name: str, k: int) -> Batch:
         if name == self._spec(phase).input:
@@ -176,12 +180,10 @@ class Interpreter:
             return
         spec, kernels = self._spec(ins.phase), self.kernels[ins.phase]
         node = spec.node(ins.node)
-        rng = (self.runtime.seed, self.episode.number)
-        for k in owned(ins.wave, spec.width, self.mesh[node.model], self.rank,
-                       self._total(ins.phase)):  # fmt: skip
+        seed, episode, timer = self.runtime.seed, self.episode.number, self.episode.timer
+        for k in owned(ins.wave, spec.width, self.mesh[node.model], self.rank, self.total):
             values = {name: self._value(ins.phase, name, k) for name in node.inputs}
-            self.values[(node.name, k)] = kernels.run(node.name, values, self.episode.timer,
-                                                      (*rng, k))  # fmt: skip
+            self.values[(node.name, k)] = kernels.run(node.name, values, timer, (seed, episode, k))
 
     def _op_train(self, ins: Instruction) -> None:
         self._train(ins)

@@ -74,12 +74,12 @@ class RunCheckpoints:
         self.job, self.comm = job, comm
         self.rank, self.world_size = comm.rank, comm.world_size
         self.mesh = {p.model: p.ranks for p in plan.placement}
-        self.plan_hash = plan.layout_hash()
         self.trains = "train" in plan.phases
         runtime = job.config.runtime
         self.interval = runtime.save_episode_interval
-        self.store = None
+        self.store, self.plan_hash = None, None
         if runtime.checkpoint_dir:
+            self.plan_hash = plan.layout_hash()
             self.store = CheckpointStore(
                 runtime.checkpoint_dir, runtime.max_checkpoints, self.rank, self.world_size,
                 comm.barrier, runtime.checkpoint_checksums,
