@@ -1,7 +1,21 @@
-"""Deterministic toy modules with the seed's class names; every call is recorded.
+"""Toy modules with the seed's class names; every call is recorded.
 
 Each network is a seeded ``Linear(4, 4)``: inference copies and their trainers share the
-architecture, so parameter sync works; trainers take one SGD step per ``train_step``.
+architecture, so parameter sync works; trainers take one AdamW step per ``train_step``
+(optimizer state that a checkpoint must carry).
+
+They draw random numbers where real models do, from torch's global generator, which the
+framework reseeds before every model call from the run's seed and *what* runs
+(``flowgraph.runtime.rng``); they never seed it themselves. So results are deterministic
+and the same on any placement, and a runtime that seeded by *where* (the rank) would give
+other numbers on other layouts:
+
+* ``forward_step`` (the env phase, "sampling") adds Gaussian noise to its output and
+  drops out some of it; ``eval_step`` is greedy (no noise), like the real modules';
+* ``train_step`` applies a dropout mask over the input features, drawn once per global
+  step and shared by its micro-batches. Not a fresh mask per micro-batch: the runtime
+  reseeds once per step, so a data-parallel rank's first micro-batch (micro-batch 2 of 4
+  on rank 1) would draw what micro-batch 0 draws in one process.
 """
 
 import os
@@ -13,6 +27,8 @@ from flowgraph import TorchModule
 from flowgraph.data import batch_size
 
 DIM = 4
+NOISE = 0.1  # std of the noise forward_step adds to its output
+DROPOUT = 0.25  # of forward_step's outputs, and of the input features in train_step
 
 
 def prompts(count, seed):
@@ -40,7 +56,10 @@ class Recorded(TorchModule):
     def forward_step(self, data):
         self.calls.append(("forward_step", batch_size(data)))
         with torch.no_grad():
-            return {**data, self.output_key: self.model(data["x"])}
+            y = self.model(data["x"])
+            y = y + NOISE * torch.randn_like(y)
+            y = torch.nn.functional.dropout(y, p=DROPOUT, training=True)
+            return {**data, self.output_key: y}
 
     def eval_step(self, data):
         self.calls.append(("eval_step", batch_size(data)))
@@ -89,20 +108,22 @@ class RewardInference(Recorded):
 
 
 class Trained(Recorded):
-    """One SGD step per train_step towards the batch's rewards (zero when it has none)."""
+    """One AdamW step per train_step towards the batch's rewards (zero when it has none),
+    through a dropout mask over the input features drawn once per step."""
 
     def setup(self):
         super().setup()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.02)
 
     def train_step(self, micro_batches):
         self.calls.append(("train_step", [batch_size(mb) for mb in micro_batches]))
         self.optimizer.zero_grad()
+        keep = torch.nn.functional.dropout(torch.ones(DIM), p=DROPOUT, training=True)
         total = sum(batch_size(mb) for mb in micro_batches)
         loss_sum = 0.0
         for mb in micro_batches:
             target = mb.get("reward", torch.zeros(batch_size(mb)))
-            loss = ((self.model(mb["x"]).sum(-1) - target) ** 2).sum() / total
+            loss = ((self.model(mb["x"] * keep).sum(-1) - target) ** 2).sum() / total
             loss.backward()
             loss_sum += loss.item()
         self.optimizer.step()

@@ -1,11 +1,14 @@
-"""The seed's RLHF flows (tests/rlhf_flows.py) over the deterministic toy modules, run by
+"""The seed's RLHF flows (tests/rlhf_flows.py) over the toy modules of seed_models.py, run by
 the multi-process tests.
 
     python tests/spmd_job.py OUT_DIR CONFIG_JSON
     torchrun --standalone --nproc-per-node 4 tests/spmd_job.py OUT_DIR CONFIG_JSON
 
-Every rank saves the parameters of the models it hosts to OUT_DIR/rank<R>.pt; rank 0
-also saves the episode records to OUT_DIR/records.json.
+Every rank saves the parameters of the models it hosts to OUT_DIR/rank<R>.pt and what
+its modules ran to OUT_DIR/calls_rank<R>.json (per model: ``setup_count``, how often its
+``setup()`` ran on this rank, and ``calls``, the ``[method, batch size or list of
+micro-batch sizes]`` of every call); rank 0 also saves the episode records to
+OUT_DIR/records.json.
 """
 
 import json
@@ -54,6 +57,8 @@ def main(out_dir: str, config_path: str) -> None:
     hosted = {m.name: {k: v.detach().cpu() for k, v in m.sync_parameters()}
               for m in MODULES if m.model is not None}  # fmt: skip
     torch.save(hosted, out / f"rank{rank}.pt")
+    ran = {m.name: {"setup_count": m.setup_count, "calls": m.calls} for m in MODULES}
+    (out / f"calls_rank{rank}.json").write_text(json.dumps(ran))
     if rank == 0:
         (out / "records.json").write_text(json.dumps([r.to_json() for r in records]))
 

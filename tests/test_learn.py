@@ -1,6 +1,7 @@
 """Single-process learn(): the episode loop's semantics, one behaviour per test."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -189,7 +190,9 @@ def test_evaluator_that_never_runs_is_reported(caplog):
 
 
 def test_modules_read_their_config_section():
-    flowgraph.init({"runtime": RUNTIME, "models": {"ppo_policy": {"args": {"init_seed": 9}}}})
+    # sync_frequency 100: the only sync of ppo_policy -> policy is the one before episode 1.
+    models = {"ppo_policy": {"args": {"init_seed": 9}}, "policy": {"sync_frequency": 100}}
+    flowgraph.init({"runtime": RUNTIME, "models": models})
     engine, m = rlhf_engine()
     engine.learn()
     assert m["ppo_policy"].model_config.args == {"init_seed": 9}
@@ -197,8 +200,11 @@ def test_modules_read_their_config_section():
     with torch.random.fork_rng():
         torch.manual_seed(9)
         seeded = torch.nn.Linear(4, 4)
-    # The initial sync copied ppo_policy's seed-9 weights into the reference-seeded policy.
-    assert not torch.equal(seeded.weight, m["reference"].model.weight)
+    # The policy (built with seed 0) holds ppo_policy's seed-9 initial weights: the
+    # trainer read its section, and the initial sync copied them before any training.
+    assert same(weights(m["policy"]), [seeded.weight, seeded.bias])
+    assert not same(weights(m["ppo_policy"]), [seeded.weight, seeded.bias])  # it trained
+    assert not same(weights(m["reference"]), [seeded.weight, seeded.bias])  # never synced
 
 
 def test_two_engines_with_the_same_module_names_in_one_process():
@@ -218,8 +224,12 @@ def test_deepspeed_backend_needs_a_deepspeed_module():
         engine.learn()
 
 
-def test_default_settings_report_nothing(caplog):
+def test_default_settings_log_no_warning(caplog, recwarn):
     flowgraph.init(flowgraph.Config())
-    engine, _ = rlhf_engine()
-    engine.learn()
-    assert "no effect" not in caplog.text
+    engine, m = rlhf_engine()
+    with caplog.at_level(logging.WARNING):
+        records = engine.learn()
+    assert [r.episode for r in records] == [1] and m["ppo_policy"].calls  # it did run
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    ours = [w for w in recwarn if "flowgraph" in w.filename]
+    assert [str(w.message) for w in ours] == []

@@ -1,14 +1,17 @@
 """PPO/GRPO functions against values worked out by hand, padding included."""
 
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from flowgraph.rl.grpo import group_advantages, grpo_loss
 from flowgraph.rl.ppo import (
     entropy,
     gae,
+    global_masked_moments,
     kl_penalty,
     masked_mean,
     masked_whiten,
@@ -16,8 +19,11 @@ from flowgraph.rl.ppo import (
     token_rewards,
     value_loss,
 )
+from spmd import init_gloo, spawn
 
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1 has one padding position
+# [[1, 2, 3], [4, 5, pad]] whitened: mean 3, population variance (4+1+0+1+4)/5 = 2
+WHITENED = [[-2 / math.sqrt(2), -1 / math.sqrt(2), 0.0], [1 / math.sqrt(2), 2 / math.sqrt(2), 0.0]]
 
 
 def test_masked_mean_and_whiten_ignore_padding():
@@ -25,10 +31,40 @@ def test_masked_mean_and_whiten_ignore_padding():
     assert masked_mean(x, MASK).item() == pytest.approx(3.0)  # (1+2+3+4+5)/5
     assert masked_mean(x, MASK, dim=1).tolist() == pytest.approx([2.0, 4.5])
     w = masked_whiten(x, MASK)
-    # mean 3, population variance (4+1+0+1+4)/5 = 2
-    r = math.sqrt(2)
-    expected = [[-2 / r, -1 / r, 0.0], [1 / r, 2 / r, 0.0]]
-    torch.testing.assert_close(w, torch.tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w, torch.tensor(WHITENED), atol=1e-5, rtol=0)
+
+
+def test_global_moments_without_a_group_are_this_batch_s():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 1000.0]])
+    mean, var = global_masked_moments(x, MASK)
+    assert (mean.item(), var.item()) == pytest.approx((3.0, 2.0))
+    # Row 0 alone, as one data-parallel shard would whiten it without its group:
+    # mean 2, variance 2/3, so its values differ from the whole batch's.
+    alone = masked_whiten(x[:1], MASK[:1])
+    torch.testing.assert_close(alone, torch.tensor([[-(1.5**0.5), 0.0, 1.5**0.5]]))
+    assert not torch.allclose(alone, torch.tensor(WHITENED[:1]), atol=0.1)
+
+
+def _whiten_one_row_per_rank(rank, port, out):
+    init_gloo(rank, 2, port)
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 1000.0]])[rank : rank + 1]
+    mask = MASK[rank : rank + 1]
+    mean, var = global_masked_moments(x, mask, dist.group.WORLD)
+    whitened = masked_whiten(x, mask, group=dist.group.WORLD)
+    torch.save({"moments": (mean.item(), var.item()), "whitened": whitened}, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_whitening_over_a_group_uses_the_moments_of_every_rank(tmp_path):
+    spawn(_whiten_one_row_per_rank, args=(str(tmp_path / "w"),), nprocs=2, timeout=120)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"w.{rank}", weights_only=True)
+        # (1+2+3+4+5)/5 and (4+1+0+1+4)/5: the whole batch's, though each rank has a row.
+        assert got["moments"] == pytest.approx((3.0, 2.0))
+        torch.testing.assert_close(got["whitened"], torch.tensor(WHITENED[rank : rank + 1]))
 
 
 def test_gae_by_hand_with_a_padded_row():

@@ -132,9 +132,10 @@ def test_engine_directly_rlhf_flow():
     assert torch.equal(reference.model.weight, initial.weight)
 
     env_calls = [("forward_step", 4)] * 9
-    assert (
-        policy.calls[:0] == [] and [c for c in policy.calls if c[0] == "forward_step"] == env_calls
-    )
+    # In order: eval before training, episodes 1 and 2, eval after episode 2 (with the
+    # weights synced after its training), episode 3.
+    episode, evaluation = [("forward_step", 4)] * 3, [("eval_step", n) for n in [4, 4, 2]]
+    assert policy.calls == evaluation + episode * 2 + evaluation + episode
     assert reference.calls == env_calls
     assert value.calls == env_calls
     assert [c for c in reward.calls if c[0] == "forward_step"] == env_calls

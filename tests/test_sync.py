@@ -7,12 +7,11 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flowgraph import TorchModule
 from flowgraph.errors import ParameterSyncError
 from flowgraph.runtime.sync import CrossSync, SyncPlan
-from spmd import free_port
+from spmd import init_gloo, spawn
 
 
 class Net(TorchModule):
@@ -88,8 +87,7 @@ LAYOUTS = {"2->2": ((0, 1), (2, 3)), "2->1": ((0, 1), (2,)), "1->3": ((0,), (1, 
 
 
 def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=4)
+    init_gloo(rank, 4, port)
     results = {}
     groups = {name: dist.new_group(sorted(set(s) | set(d))) for name, (s, d) in LAYOUTS.items()}
     # Each bucket travels from one source rank to the destination ranks only.
@@ -130,7 +128,7 @@ def _worker(rank, port, out):
 @pytest.mark.slow
 def test_bucketed_sync_across_ranks_equals_the_source(tmp_path):
     out = str(tmp_path / "sync")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=4, join=True)
+    spawn(_worker, args=(out,), nprocs=4, timeout=120)
     expected = Net("trainer", 1)
     expected.setup()
     want = {f"layers.{k}": v for k, v in params(expected).items()}

@@ -6,7 +6,6 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flowgraph.runtime.transport import (
     Outbox,
@@ -16,7 +15,7 @@ from flowgraph.runtime.transport import (
     recv_batch,
     unpack,
 )
-from spmd import free_port
+from spmd import init_gloo, spawn
 
 
 def sample_batch():
@@ -69,8 +68,7 @@ def test_non_contiguous_tensors_travel_as_their_values():
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, 2, port)
     torch.manual_seed(0)
     batch = sample_batch()
     if rank == 0:
@@ -94,7 +92,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_batches_cross_processes_unchanged(tmp_path):
     out = tmp_path / "received.pkl"
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    spawn(_worker, args=(str(out),), nprocs=2, timeout=120)
     first, second, gathered = pickle.loads(out.read_bytes())
     torch.manual_seed(0)
     assert_same(sample_batch(), first)

@@ -119,6 +119,17 @@ class GPTModule(TorchModule):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def data_parallel_group(self) -> object | None:
+        """The process group of this trainer's data-parallel ranks, which share every
+        global step: DDP's ``process_group`` (the runtime wraps ``self.model`` in DDP on
+        a mesh of several ranks), a DeepSpeed engine's ``data_parallel_group``; None in
+        one process or on a 1-rank mesh, where there is nothing to reduce."""
+        for attribute in ("process_group", "data_parallel_group"):
+            group = getattr(self.model, attribute, None)
+            if group is not None:
+                return group
+        return None
+
     def accumulate(self, micro_batches: list[dict]):
         """``(micro_batch, weight, no_sync)`` for gradient accumulation: each micro-batch's
         loss is weighted by its share of the rows; DDP all-reduces only on the last."""
@@ -267,11 +278,18 @@ def _mean(values: list[float]) -> float:
 
 
 class PolicyTrainer(GPTModule):
-    """PPO policy update: clipped surrogate on whitened advantages, entropy bonus."""
+    """PPO policy update: clipped surrogate on whitened advantages, entropy bonus.
+
+    Advantages are whitened over the whole global step: on several data-parallel ranks,
+    each with its share of the step's micro-batches, with the moments of all of them
+    (``masked_whiten(..., group=...)``), so 1 and N ranks train alike."""
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         mask_all = torch.cat([mb["response_mask"] for mb in micro_batches])
-        adv_all = masked_whiten(torch.cat([mb["advantages"] for mb in micro_batches]), mask_all)
+        adv_all = masked_whiten(
+            torch.cat([mb["advantages"] for mb in micro_batches]), mask_all,
+            group=self.data_parallel_group(),
+        )  # fmt: skip
         stats, start = [], 0
         for mb, weight, sync in self.accumulate(micro_batches):
             rows = len(mb["sequences"])

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -29,11 +30,51 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp_min(1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def _all_reduce_sum(values: torch.Tensor, group: object | None) -> torch.Tensor:
+    """``values`` summed over the ranks of ``group`` (unchanged without one, or with one
+    rank)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, group=group)
+    return values
+
+
+def global_masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, group: object | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of ``x`` over the masked positions of every rank of
+    ``group`` together, as if their rows were one batch (``group=None``: this rank's).
+
+    Two all-reduces of two numbers each: the masked sum with the count, then the masked
+    sum of squared deviations from the global mean. The same formula as one process's
+    ``masked_mean``, so one process gets exactly its former numbers.
+
+    Example (``group=None``: one process holding every row)::
+
+        >>> x = torch.tensor([[1.0, 2.0, 9.0], [3.0, 6.0, 0.0]])
+        >>> mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+        >>> global_masked_moments(x, mask)  # mean of 1, 2, 3, 6; variance of them
+        (tensor(3.), tensor(3.5000))
+    """
+    x_sum = masked_sum(x, mask)
+    total, count = _all_reduce_sum(torch.stack([x_sum, mask.sum().to(x_sum.dtype)]), group)
+    count = count.clamp_min(1)
+    mean = total / count
+    var = _all_reduce_sum(masked_sum((x - mean) ** 2, mask), group) / count
+    return mean, var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, group: object | None = None
+) -> torch.Tensor:
     """``x`` scaled to unit variance over the masked positions (and centred unless
-    ``shift_mean`` is False); masked-out positions become 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    ``shift_mean`` is False); masked-out positions become 0.
+
+    With a process ``group`` (a trainer's data-parallel ranks, each holding its share of
+    a global step) the moments are those of the whole step (``global_masked_moments``),
+    so the result does not depend on how the rows are split over ranks."""
+    mean, var = global_masked_moments(x, mask, group)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
