@@ -26,7 +26,7 @@ from common import finish_worker, report, spawn_two  # noqa: E402
 
 from flowgraph.runtime.transport import all_gather_batches, all_gather_objects  # noqa: E402
 
-EPISODE_MB = (4, 16, 64)
+EPISODE_MB = (16, 64)  # 16 micro-batches of 1 MB or 4 MB
 MICRO_BATCHES = 16
 ROUNDS = 15
 

@@ -274,3 +274,20 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, uninterrupted):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "is re-sharded as it loads" in result.stderr
     assert [r["episode"] for r in records(tmp_path)] == [0, 1, 2, 3, 4]
+    # Episodes 3-4 ran in one process from the 2-rank checkpoint: the numbers of the run
+    # that stayed on 2 ranks (placement-independent, so equal up to float sum order).
+    for ours, theirs in zip(records(tmp_path), records(uninterrupted), strict=True):
+        assert ours["metrics"].keys() == theirs["metrics"].keys()
+        for key, value in theirs["metrics"].items():
+            assert ours["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    trainers = torch.load(tmp_path / "trainers.pt", weights_only=True)
+    expected = torch.load(uninterrupted / "trainers.pt", weights_only=True)
+    for model, state in expected.items():
+        for name, tensor in state["model"].items():
+            torch.testing.assert_close(trainers[model]["model"][name], tensor, rtol=1e-5,
+                                       atol=1e-6, msg=f"{model}.{name}")  # fmt: skip
+        moments = state["optimizer"]["state"]
+        for index, values in moments.items():
+            for key, tensor in values.items():
+                got = trainers[model]["optimizer"]["state"][index][key]
+                torch.testing.assert_close(got, tensor, rtol=1e-5, atol=1e-6)

@@ -20,12 +20,12 @@ was waiting at and for whom.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowgraph.compiler.plan import Instruction, PhaseSpec, Plan
+from flowgraph.compiler.plan import OPS, Instruction, PhaseSpec, Plan
 from flowgraph.data import Batch
 from flowgraph.runtime.comm import Communicator
 from flowgraph.runtime.episode import training_steps
@@ -37,11 +37,12 @@ from flowgraph.runtime.telemetry import MetricAverager, StageTimer
 from flowgraph.runtime.timeline import Timeline
 
 
-def owned(wave: int, width: int, ranks: tuple[int, ...], rank: int, total: int) -> list[int]:
+@functools.lru_cache(maxsize=65536)
+def owned(wave: int, width: int, ranks: tuple[int, ...], rank: int, total: int) -> range:
     """Micro-batches of ``wave`` that ``rank`` owns in a mesh of ``ranks``."""
     share = width // len(ranks)
     first = wave * width + ranks.index(rank) * share
-    return [k for k in range(first, first + share) if k < total]
+    return range(first, min(first + share, total))
 
 
 def owner(k: int, width: int, ranks: tuple[int, ...]) -> int:
@@ -97,6 +98,9 @@ class Interpreter:
         }
         self.values: dict[tuple[str, int], Any] = {}
         self.total = 0  # micro-batches of the env or eval phase running
+        self.ops = {op: getattr(self, f"_op_{op.lower()}") for op in OPS if op != "GATHER"}
+        self.fast = {id(run[0]): self._prepared_run(run[0]) for run in runs
+                     if run[0].op == "RUN" and run[0].phase != "train"}  # fmt: skip
 
     # -- phases ----------------------------------------------------------------------
     def run_phase(self, phase: str, episode: Episode) -> None:
@@ -106,28 +110,51 @@ class Interpreter:
         if phase in episode.inputs:
             self.total = len(episode.inputs[phase])
         drops = self.drops[phase] if phase in self.drops else {}
+        traced = self.timeline.enabled
         for index, run in enumerate(self.runs.get(phase, [])):
-            ins = run[0]
-            if phase == "sync" and not self._sync_due(ins, episode):
+            if phase == "sync" and not self._sync_due(run[0], episode):
                 continue
             try:
-                with self._slice(run, episode.number):
+                if traced:
+                    with self._slice(run, episode.number):
+                        self._execute(run)
+                else:
                     self._execute(run)
             except Exception as err:
-                self._fail(ins, err)
-            if index in drops:
-                for name, at in drops[index]:
-                    self._drop(phase, name, at)
+                self._fail(run[0], err)
+            for key in drops.get(index, ()):
+                self.values.pop(key, None)
         if phase != "sync":
             self.comm.wait_sends()
         self.values = {}
 
     def _execute(self, run: list[Instruction]) -> None:
         """One instruction (or one coalesced run of GATHERs)."""
-        if run[0].op == "GATHER":
+        fast = self.fast.get(id(run[0]))
+        if fast is not None:
+            fast()
+        elif run[0].op == "GATHER":
             self._gather(run)
         else:
-            getattr(self, f"_op_{run[0].op.lower()}")(run[0])
+            self.ops[run[0].op](run[0])
+
+    def _prepared_run(self, ins: Instruction):
+        """A RUN of the env or eval phase with everything resolved once (the hot path:
+        one call per model call)."""
+        spec = self.plan.phases[ins.phase]
+        node = spec.node(ins.node)
+        run, name, inputs, flow = self.kernels[ins.phase].run, node.name, node.inputs, spec.input
+        wave, width, ranks, rank, seed = ins.wave, spec.width, self.mesh[node.model], self.rank, \
+            self.runtime.seed  # fmt: skip
+
+        def execute() -> None:
+            values, episode = self.values, self.episode
+            flow_input = episode.inputs[ins.phase]
+            for k in owned(wave, width, ranks, rank, self.total):
+                args = {n: flow_input[k] if n == flow else values[(n, k)] for n in inputs}
+                values[(name, k)] = run(name, args, episode.timer, (seed, episode.number, k))
+
+        return execute
 
     def _sync_due(self, ins: Instruction, episode: Episode) -> bool:
         """A SYNC/BCAST runs when its pair is due; a LOAD/FREE when a due pair uses its model."""
@@ -137,9 +164,7 @@ class Interpreter:
 
     def _slice(self, run: list[Instruction], episode: int):
         """The timeline slice of one instruction (or of a coalesced run of GATHERs, which
-        lists them all); nothing is formatted when the timeline is off."""
-        if not self.timeline.enabled:
-            return contextlib.nullcontext()
+        lists them all)."""
         names = [str(ins) for ins in run]
         more = {"instructions": names} if len(run) > 1 else {}
         ins = run[0]
@@ -152,16 +177,6 @@ class Interpreter:
     def _total(self, phase: str) -> int:
         """Micro-batches (env, eval) or global steps (train) of the phase running."""
         return len(self._steps()) if phase == "train" else self.total
-
-    def _value(self, phase: str, name: str, k: int) -> Batch:
-        if name == self._spec(phase).input:
-            return self.episode.inputs[phase][k]
-        return self.values[(name, k)]
-
-    def _drop(self, phase: str, name: str, at: int) -> None:
-        width = self._spec(phase).width
-        for k in range(at * width, (at + 1) * width):
-            self.values.pop((name, k), None)
 
     def _steps(self) -> list[list[Batch]]:
         """The episode's global steps: the env's gathered output (or, with no env, the
@@ -177,13 +192,8 @@ class Interpreter:
     def _op_run(self, ins: Instruction) -> None:
         if ins.phase == "train":
             self._train(ins)
-            return
-        spec, kernels = self._spec(ins.phase), self.kernels[ins.phase]
-        node = spec.node(ins.node)
-        seed, episode, timer = self.runtime.seed, self.episode.number, self.episode.timer
-        for k in owned(ins.wave, spec.width, self.mesh[node.model], self.rank, self.total):
-            values = {name: self._value(ins.phase, name, k) for name in node.inputs}
-            self.values[(node.name, k)] = kernels.run(node.name, values, timer, (seed, episode, k))
+        else:
+            self._prepared_run(ins)()
 
     def _op_train(self, ins: Instruction) -> None:
         self._train(ins)
@@ -301,8 +311,9 @@ def _coalesce_gathers(instructions: list[Instruction]) -> list[list[Instruction]
 def _last_uses(
     runs: list[list[Instruction]], spec: PhaseSpec | None
 ) -> Mapping[int, list[tuple[str, int]]]:
-    """For each run of a phase, the values ``(node, wave or step)`` it is the last to touch
-    on this rank: made (RUN, TRAIN, RECV), read (RUN, TRAIN) or moved (SEND, GATHER)."""
+    """For each run of a phase, the values it is the last to touch on this rank (made by
+    RUN, TRAIN or RECV, read by RUN or TRAIN, moved by SEND or GATHER), as the keys
+    ``(node, micro-batch or step)`` the interpreter drops after it."""
     if spec is None:
         return {}
     last: dict[tuple[str, int], int] = {}
@@ -316,6 +327,7 @@ def _last_uses(
             elif ins.op in ("SEND", "RECV", "GATHER"):
                 last[(ins.node, ins.index)] = index
     drops: dict[int, list[tuple[str, int]]] = {}
-    for value, index in last.items():
-        drops.setdefault(index, []).append(value)
+    for (name, at), index in last.items():
+        keys = range(at * spec.width, (at + 1) * spec.width)
+        drops.setdefault(index, []).extend((name, k) for k in keys)
     return drops
