@@ -5,8 +5,9 @@ The compiler consumes plain facts: the traced graphs and one ``ModelFacts`` per 
 touches a live module. Passes share one signature, ``pass(ctx: CompileContext) -> None``,
 and run in order: ``size_models`` (cost-model specs), ``place_models`` (meshes),
 ``schedule_streams`` (lowering to node tables, then instructions), ``simulate_streams``
-(matching, deadlock freedom, estimates). The pass manager lints the graphs between passes
-and prefixes any ``PlanError`` with the pass that raised it. Compiling is pure: no GPU,
+(matching, deadlock freedom, estimates). The pass manager lints the graphs once before
+the passes (which never change them) and prefixes any ``PlanError`` with the pass that
+raised it. Compiling is pure: no GPU,
 no process group.
 
 Example::
@@ -220,12 +221,13 @@ PASSES: tuple[Callable[[CompileContext], None], ...] = (
 
 
 def run_passes(ctx: CompileContext, passes=PASSES) -> None:
-    """Run ``passes`` in order, linting the graphs after each; name the failing pass."""
+    """Lint the graphs, then run ``passes`` in order; name the failing pass. (Passes write
+    into the context, never into the graphs, so one lint before them suffices.)"""
+    for graph in ctx.program.graphs.values():
+        graph.lint(known_models=set(ctx.program.models))
     for compiler_pass in passes:
         try:
             compiler_pass(ctx)
-            for graph in ctx.program.graphs.values():
-                graph.lint(known_models=set(ctx.program.models))
         except PlanError as err:
             raise PlanError(f"[{compiler_pass.__name__}] {err}") from None
 

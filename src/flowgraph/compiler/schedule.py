@@ -199,7 +199,7 @@ def schedule(inp: ScheduleInput) -> list[RankStream]:
 def _insert_offload(stream: RankStream, offloaded: frozenset[str]) -> None:
     """LOAD an offloaded model before its first instruction in each phase, FREE it after
     its last one, when it shares its ranks with other models."""
-    if len(stream.models) < 2:
+    if len(stream.models) < 2 or not offloaded.intersection(stream.models):
         return
     result: list[Instruction] = []
     by_phase: dict[str, list[Instruction]] = {}
