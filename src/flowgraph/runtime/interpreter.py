@@ -21,11 +21,11 @@ was waiting at and for whom.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowgraph.compiler.plan import OPS, Instruction, PhaseSpec, Plan
+from flowgraph.compiler.plan import Instruction, PhaseSpec, Plan
 from flowgraph.data import Batch
 from flowgraph.runtime.comm import Communicator
 from flowgraph.runtime.episode import training_steps
@@ -98,9 +98,7 @@ class Interpreter:
         }
         self.values: dict[tuple[str, int], Any] = {}
         self.total = 0  # micro-batches of the env or eval phase running
-        self.ops = {op: getattr(self, f"_op_{op.lower()}") for op in OPS if op != "GATHER"}
-        self.fast = {id(run[0]): self._prepared_run(run[0]) for run in runs
-                     if run[0].op == "RUN" and run[0].phase != "train"}  # fmt: skip
+        self.handlers = {id(run[0]): self._handler(run) for run in runs}
 
     # -- phases ----------------------------------------------------------------------
     def run_phase(self, phase: str, episode: Episode) -> None:
@@ -130,15 +128,20 @@ class Interpreter:
 
     def _execute(self, run: list[Instruction]) -> None:
         """One instruction (or one coalesced run of GATHERs)."""
-        fast = self.fast.get(id(run[0]))
-        if fast is not None:
-            fast()
-        elif run[0].op == "GATHER":
-            self._gather(run)
-        else:
-            self.ops[run[0].op](run[0])
+        self.handlers[id(run[0])]()
 
-    def _prepared_run(self, ins: Instruction):
+    def _handler(self, run: list[Instruction]) -> Callable[[], None]:
+        """What executing ``run`` does, resolved once at start-up."""
+        ins = run[0]
+        if ins.op == "GATHER":
+            return functools.partial(self._gather, run)
+        if ins.op == "RUN" and ins.phase != "train":
+            return self._prepared_run(ins)
+        if ins.op == "RUN":  # a non-training call of a trainer flow
+            return functools.partial(self._train, ins)
+        return functools.partial(getattr(self, f"_op_{ins.op.lower()}"), ins)
+
+    def _prepared_run(self, ins: Instruction) -> Callable[[], None]:
         """A RUN of the env or eval phase with everything resolved once (the hot path:
         one call per model call)."""
         spec = self.plan.phases[ins.phase]
@@ -189,12 +192,6 @@ class Interpreter:
         return self.episode.steps
 
     # -- instructions ------------------------------------------------------------------
-    def _op_run(self, ins: Instruction) -> None:
-        if ins.phase == "train":
-            self._train(ins)
-        else:
-            self._prepared_run(ins)()
-
     def _op_train(self, ins: Instruction) -> None:
         self._train(ins)
 
