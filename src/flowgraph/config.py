@@ -189,6 +189,13 @@ class ModelConfig(BaseModel):
         0, description="DeepSpeed ZeRO stage (3 needs the trainer's mesh to span every rank)."
     )
     offload: bool = Field(False, description="Free device memory between stages.")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32",
+        description="Compute dtype: inference models are cast to it (weights, KV cache); "
+        "trainers keep fp32 weights and optimizer states and compute under autocast "
+        "(bf16 or fp32 only); auto: bf16 where the device computes it natively "
+        "(docs/precision.md).",
+    )
     params: str | int | None = Field(
         None, description="Parameter count for the cost model, e.g. 7B or 350M."
     )

@@ -293,13 +293,21 @@ class Engine:
         return compile_plan(self.program(config), config, cluster)
 
     def check_config(self, config: Config) -> None:
-        """Reject ``models.<name>`` sections for names no flow of this Engine calls."""
+        """Reject ``models.<name>`` sections for names no flow of this Engine calls, and
+        fp16 trainers (their gradients would need loss scaling)."""
         for name in config.models:
             if name not in self.modules:
                 raise ConfigError(
                     f"models.{name}: no model named {name!r} in this Engine; "
                     f"{did_you_mean(name, self.modules)}"
                     f"its models are: {', '.join(self.modules)}"
+                )
+        for name in self.trainable_models(config):
+            if config.model(name).precision == "fp16":
+                raise ConfigError(
+                    f"models.{name}.precision: fp16 on a trainer would need loss scaling "
+                    "inside its train_step; use precision: bf16 (fp32 master weights, bf16 "
+                    "compute), or fp32"
                 )
 
     def learn(self) -> list[EpisodeRecord]:
@@ -351,6 +359,7 @@ def _facts(module: BaseModule, config: Config, trainable: bool) -> ModelFacts:
         zero_stage=settings.zero_stage,
         trainable=trainable,
         offload=settings.offload,
+        precision=settings.precision,
     )
 
 

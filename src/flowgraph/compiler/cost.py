@@ -5,13 +5,17 @@ from running the module's ``setup()`` under ``torch.device("meta")`` and countin
 parameters of ``self.model`` (no memory is used). The estimates are deliberately simple
 and documented, so a user can check them by hand:
 
-- weights: ``params x bytes`` (2 bytes on GPUs for bf16, 4 on CPUs for fp32);
-- trainer gradients: ``params x bytes``; Adam states: ``params x 12`` on GPUs (fp32
-  master copy, two moments) or ``params x 8`` on CPUs; ZeRO stage 1 shards the optimizer
+- bytes per value from ``models.<name>.precision`` (``flowgraph.precision``): 4 for
+  fp32, 2 for bf16/fp16;
+- inference weights: ``params x bytes`` of its precision;
+- a trainer keeps fp32 weights (4 bytes, plus their 2-byte casts under bf16 autocast),
+  fp32 gradients (4) and Adam's two fp32 moments (8); ZeRO stage 1 shards the optimizer
   states over the mesh, stage 2 also the gradients, stage 3 also the weights;
 - activations: a transformer shape is inferred from the size (``P = 12 L h^2`` with
   ``h = 128 L``); inference keeps a KV cache of ``2 L h`` values per token, training
-  ``34 h L`` bytes per token (Korthikanti et al., no recomputation);
+  ``17 h L`` values per token (Korthikanti et al.'s 34 bytes in 16-bit, no
+  recomputation), each of the compute precision's bytes;
+- gradient all-reduce moves fp32 gradients; a weight sync moves the destination's dtype;
 - time: ``2 P`` FLOPs per token forward, ``6 P`` training, at a fraction of the device's
   peak (generation 10 %, scoring 40 %, training 40 %); gradient all-reduce and weight
   sync from bytes over the link bandwidth.
@@ -30,11 +34,14 @@ from dataclasses import dataclass
 
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.errors import PlanError
+from flowgraph.precision import dtype_bytes
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 GENERATION_EFFICIENCY = 0.10
 FORWARD_EFFICIENCY = 0.40
 TRAIN_EFFICIENCY = 0.40
+FP32_BYTES = 4
+ADAM_BYTES = 8  # two fp32 moments per parameter
 
 
 def parse_params(value: str | int, model: str = "?") -> int:
@@ -74,6 +81,12 @@ class ModelSpec:
     trainable: bool
     zero_stage: int = 0
     offload: bool = False
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of one weight (inference) or activation value in this precision."""
+        return dtype_bytes(self.precision)
 
 
 @dataclass(frozen=True)
@@ -113,10 +126,6 @@ class Workload:
         return self.num_training_epoch * (rows // self.train_global_batch_size)
 
 
-def bytes_per_param(cluster: ClusterSpec) -> int:
-    return 4 if cluster.device == "cpu" else 2
-
-
 def transformer_shape(params: int) -> tuple[int, int]:
     """(layers, hidden) of a GPT-like model of ``params`` parameters (h = 128 L)."""
     if params <= 0:
@@ -128,19 +137,19 @@ def transformer_shape(params: int) -> tuple[int, int]:
 
 def memory(spec: ModelSpec, mesh_size: int, work: Workload, cluster: ClusterSpec) -> Memory:
     """Bytes per device for ``spec`` on a mesh of ``mesh_size`` devices."""
-    b = bytes_per_param(cluster)
+    b = spec.value_bytes
     p = spec.params
     layers, hidden = transformer_shape(p)
     if not spec.trainable:
         tokens = work.generation_batch_size * work.tokens_per_sample
         return Memory(p * b, 0.0, 0.0, 2 * layers * hidden * b * tokens)
-    optimizer_bytes = 8 if cluster.device == "cpu" else 12
     stage = spec.zero_stage
-    weights = p * b / (mesh_size if stage >= 3 else 1)
-    grads = p * b / (mesh_size if stage >= 2 else 1)
-    optim = p * optimizer_bytes / (mesh_size if stage >= 1 else 1)
+    casts = b if b < FP32_BYTES else 0  # autocast's low-precision copy during the step
+    weights = p * (FP32_BYTES + casts) / (mesh_size if stage >= 3 else 1)
+    grads = p * FP32_BYTES / (mesh_size if stage >= 2 else 1)
+    optim = p * ADAM_BYTES / (mesh_size if stage >= 1 else 1)
     tokens = work.train_micro_batch_size * work.tokens_per_sample
-    activations = 34 * hidden * layers * tokens * b / 2
+    activations = 17 * hidden * layers * tokens * b
     return Memory(weights, grads, optim, activations)
 
 
@@ -171,7 +180,7 @@ def train_step_seconds(
     )
     allreduce = 0.0
     if n > 1:
-        allreduce = 2 * params * bytes_per_param(cluster) * (n - 1) / n
+        allreduce = 2 * params * FP32_BYTES * (n - 1) / n
         allreduce /= cluster.link_bytes_per_s(mesh)
     return compute + allreduce
 

@@ -39,6 +39,7 @@ from flowgraph.compiler.schedule import ScheduleInput, schedule
 from flowgraph.compiler.simulate import Simulation, simulate
 from flowgraph.config import Config
 from flowgraph.errors import PlanError
+from flowgraph.precision import resolve
 
 HOST_LINK_BYTES_PER_S = 25e9  # device <-> host memory, for offload
 
@@ -54,6 +55,7 @@ class ModelFacts:
     zero_stage: int = 0
     trainable: bool = False
     offload: bool = False
+    precision: str = "fp32"  # as configured: fp32 | bf16 | fp16 | auto
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def size_models(ctx: CompileContext) -> None:
             trainable=facts.trainable,
             zero_stage=facts.zero_stage if facts.backend == "deepspeed" else 0,
             offload=facts.offload,
+            precision=resolve(facts.precision, ctx.cluster.device),
         )
 
 
@@ -142,9 +145,8 @@ def place_models(ctx: CompileContext) -> None:
 def schedule_streams(ctx: CompileContext) -> None:
     work = ctx.work
     bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
-    bpp = cost.bytes_per_param(ctx.cluster)
     ctx.syncs = tuple(
-        SyncSpec(src, dst, max(1, math.ceil(ctx.specs[src].params * bpp / bucket_bytes)))
+        SyncSpec(src, dst, max(1, math.ceil(_sync_bytes(ctx, src, dst) / bucket_bytes)))
         for src, dst in ctx.program.syncs
     )
     mesh_size = {m: g.mesh.size for g in ctx.layout.groups for m in g.models}
@@ -163,13 +165,18 @@ def schedule_streams(ctx: CompileContext) -> None:
     )
 
 
+def _sync_bytes(ctx: CompileContext, src: str, dst: str) -> float:
+    """Bytes one sync writes: the source's parameters in the destination's dtype (the
+    sender casts, so that is also what travels)."""
+    return ctx.specs[src].params * ctx.specs[dst].value_bytes
+
+
 def simulate_streams(ctx: CompileContext) -> None:
     ctx.simulation = simulate(ctx.streams, _durations(ctx), ctx.cluster.world_size)
 
 
 def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
     work, cluster = ctx.work, ctx.cluster
-    bpp = cost.bytes_per_param(cluster)
     bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
     mesh = {m: g.mesh for g in ctx.layout.groups for m in g.models}
     width = {phase: spec.width for phase, spec in ctx.phases.items()}
@@ -198,11 +205,11 @@ def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
             nbytes = cost.batch_bytes(wave_samples, work) / pairs
             return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
         if ins.op == "BCAST":
-            total = ctx.specs[ins.src].params * bpp
+            total = _sync_bytes(ctx, ins.src, ins.dst)
             nbytes = min(bucket_bytes, total - ins.bucket * bucket_bytes)
             return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
         if ins.op == "SYNC":
-            return ctx.specs[ins.src].params * bpp / (cluster.memcpy_gbps * 1e9)
+            return _sync_bytes(ctx, ins.src, ins.dst) / (cluster.memcpy_gbps * 1e9)
         if ins.op in ("FREE", "LOAD"):
             spec = ctx.specs[ins.model]
             m = cost.memory(spec, mesh[ins.model].size, work, cluster)
@@ -269,6 +276,7 @@ def _placement_entries(ctx: CompileContext) -> list[PlacementEntry]:
                     gradients=m.gradients,
                     optimizer=m.optimizer,
                     activations=m.activations,
+                    precision=spec.precision,
                 )
             )
     return entries

@@ -275,6 +275,7 @@ class PlacementEntry:
     gradients: float
     optimizer: float
     activations: float
+    precision: str = "fp32"  # compute dtype (a trainer's weights stay fp32)
 
     @property
     def memory(self) -> float:
@@ -394,6 +395,7 @@ class Plan:
             "model",
             "ranks",
             "role",
+            "dtype",
             "params",
             "weights",
             "grads",
@@ -411,6 +413,7 @@ class Plan:
                     p.model,
                     format_ranks(p.ranks),
                     p.role,
+                    p.precision,
                     format_count(p.params),
                     format_bytes(p.weights),
                     _dash(p.gradients),

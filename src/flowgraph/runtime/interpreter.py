@@ -20,6 +20,7 @@ was waiting at and for whom.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 
 from flowgraph.compiler.plan import Instruction, PhaseSpec, Plan
 from flowgraph.data import Batch
+from flowgraph.precision import compute_context
 from flowgraph.runtime.comm import Communicator
 from flowgraph.runtime.episode import training_steps
 from flowgraph.runtime.job import Job
@@ -57,6 +59,12 @@ class Hosted:
     local_syncs: dict[tuple[str, str], SyncPlan] = field(default_factory=dict)
     cross_syncs: dict[tuple[str, str], CrossSync] = field(default_factory=dict)
     offloads: dict[str, Offload] = field(default_factory=dict)
+    precisions: dict[str, str] = field(default_factory=dict)  # resolved, per hosted model
+    device_type: str = "cpu"
+
+    def computing(self, model: str) -> contextlib.AbstractContextManager:
+        """The autocast context that ``model``'s step methods run in (its precision)."""
+        return compute_context(self.precisions.get(model, "fp32"), self.device_type)
 
 
 @dataclass
@@ -94,7 +102,8 @@ class Interpreter:
                       for phase in self.runs}  # fmt: skip
         check = self.runtime.check_merges
         self.kernels = {
-            phase: Kernels(spec, job.modules, phase, check) for phase, spec in plan.phases.items()
+            phase: Kernels(spec, job.modules, phase, check, hosted.computing)
+            for phase, spec in plan.phases.items()
         }
         self.values: dict[tuple[str, int], Any] = {}
         self.total = 0  # micro-batches of the env or eval phase running

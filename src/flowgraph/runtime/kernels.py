@@ -12,7 +12,8 @@ naming the node and the user's source line, torch.fx style::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,8 @@ class Kernels:
 
     ``rng`` arguments are ``(run seed, episode, micro-batch or step index)``: the
     generators are reseeded from them and the node before every call, so a result does
-    not depend on which rank computes it.
+    not depend on which rank computes it. ``computing(model)`` is the context a model's
+    step methods run in (autocast in its precision).
     """
 
     def __init__(
@@ -49,8 +51,12 @@ class Kernels:
         modules: Mapping[str, BaseModule],
         phase: str,
         check_merges: bool = False,
+        computing: Callable[[str], contextlib.AbstractContextManager] = (
+            lambda model: contextlib.nullcontext()
+        ),
     ) -> None:
         self.spec, self.phase, self.check_merges = spec, phase, check_merges
+        self.computing = computing
         self.calls = {
             node.name: _Call(
                 node,
@@ -109,7 +115,8 @@ class Kernels:
     def _call(self, call: _Call, data: Any) -> Any:
         node = call.node
         try:
-            result = getattr(call.module, node.method)(data)
+            with self.computing(node.model):
+                result = getattr(call.module, node.method)(data)
         except Exception as err:
             if hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(f"While executing {node} (flow {self.spec.flow})")

@@ -19,8 +19,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from flowgraph.compiler.plan import Plan
 from flowgraph.data import batch_size
+from flowgraph.precision import cast_inference_model, resolve
 from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.comm import Communicator
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches
@@ -45,7 +48,7 @@ class EpisodeLoop:
         self.runtime = job.config.runtime
         self.rank = comm.rank
         self.mesh = {p.model: p.ranks for p in plan.placement}
-        self.hosted = Hosted()
+        self.hosted = Hosted(device_type=comm.device.type)
         self.timeline = Timeline(self.rank, self.runtime.trace)
         self.reporter = Reporter(self.runtime, job.log, enabled=self.rank == 0)
         self.history: list[EpisodeRecord] = []
@@ -164,6 +167,11 @@ class EpisodeLoop:
         module = self.job.modules[name]
         reseed(self.runtime.seed, "setup", name)
         module.setup()
+        precision = resolve(self.job.config.model(name).precision, self.comm.device.type)
+        self.hosted.precisions[name] = precision
+        network = getattr(module, "model", None)
+        if not module.trainable and isinstance(network, torch.nn.Module):
+            cast_inference_model(network, precision)
         if module.trainable:
             ranks = self.mesh[name]
             prepare(module, self.comm.group(ranks), len(ranks), self.runtime)
@@ -180,8 +188,10 @@ class EpisodeLoop:
                 if self.rank in src_ranks:
                     self.hosted.local_syncs[key] = SyncPlan.build(src, dst, bucket_bytes)
             elif self.rank in src_ranks or self.rank in dst_ranks:
+                precision = resolve(self.job.config.model(sync.dst).precision,
+                                    self.comm.device.type)  # fmt: skip
                 self.hosted.cross_syncs[key] = CrossSync(
-                    src, dst, sync.buckets, self.rank, src_ranks, dst_ranks
+                    src, dst, sync.buckets, self.rank, src_ranks, dst_ranks, precision
                 )
 
     def _rank_sets(self) -> list[tuple[int, ...]]:

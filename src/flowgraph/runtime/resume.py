@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flowgraph.compiler.plan import Plan
 from flowgraph.module import BaseModule, DeepSpeedModule
+from flowgraph.precision import resolve
 from flowgraph.runtime.checkpoint import (
     Checkpoint,
     CheckpointStore,
@@ -85,6 +86,10 @@ class RunCheckpoints:
                 comm.barrier, runtime.checkpoint_checksums,
             )  # fmt: skip
         self.fingerprint = flow_fingerprint(plan)
+        self.precisions = {
+            name: resolve(job.config.model(name).precision, comm.device.type)
+            for name in job.modules
+        }  # fmt: skip
         self.resumed: Checkpoint | None = None
         self.states: dict[str, object] = {}
         if self.store is not None and runtime.resume:
@@ -137,6 +142,7 @@ class RunCheckpoints:
             "fingerprint": self.fingerprint,
             "plan_hash": self.plan_hash,
             "models": names,
+            "precision": self.precisions,
             "data": self.position(episode),
             "config": self.job.config.model_dump(mode="json"),
             "history": [r.to_json() for r in [*history, record]],
@@ -183,7 +189,13 @@ class RunCheckpoints:
         if trainable and self.rank == 0:
             self.job.log(f"flowgraph: resuming from {checkpoint}")
             now = self.job.config.model_dump(mode="json")
-            changed = ", ".join(config_changes(checkpoint.meta["config"], now))
+            saved_precisions = checkpoint.meta.get("precision", {})
+            changes = config_changes(checkpoint.meta["config"], now) + [
+                f"models.{name} computes in {saved_precisions[name]} -> {precision}"
+                for name, precision in self.precisions.items()
+                if saved_precisions.get(name, precision) != precision
+            ]
+            changed = ", ".join(changes)
             if changed:
                 log.warning(
                     "flowgraph: resuming with settings that differ from the checkpoint's "

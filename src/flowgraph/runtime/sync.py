@@ -3,7 +3,10 @@
 A ``SyncPlan`` is computed once (after ``setup()``, before the first episode): it pairs
 every destination tensor with its source tensor through ``dst.map_sync_name`` and
 rejects missing, extra or mismatched parameters, listing all of them. ``apply()`` then
-copies in place, so no second copy of the model is ever allocated.
+copies in place, so no second copy of the model is ever allocated. A destination of
+another floating-point dtype (a bf16 inference copy of an fp32 trainer) receives the cast
+of its source, made once, in place (``copy_``); across ranks the sender casts before
+sending.
 
 Example::
 
@@ -33,6 +36,7 @@ import torch.distributed as dist
 
 from flowgraph.errors import ParameterSyncError
 from flowgraph.module import BaseModule, TorchModule
+from flowgraph.precision import hosted_dtype
 
 
 def check_torch_modules(src: BaseModule, dst: BaseModule) -> None:
@@ -66,7 +70,9 @@ def match_parameters(
             problems.append(f"{src_name}: no parameter {dst_name!r} in {dst.name}")
             continue
         claimed.add(dst_name)
-        if full_shape(src_tensor) != full_shape(dst_tensor) or src_tensor.dtype != dst_tensor.dtype:
+        if full_shape(src_tensor) != full_shape(dst_tensor) or not _castable(
+            src_tensor.dtype, dst_tensor.dtype
+        ):
             problems.append(
                 f"{src_name} -> {dst_name}: {_describe(src_tensor)} vs {_describe(dst_tensor)}"
             )
@@ -83,6 +89,11 @@ def match_parameters(
             "(return None to skip one)"
         )
     return pairs
+
+
+def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Same dtype, or two floating-point ones (the sync casts)."""
+    return src == dst or (src.is_floating_point and dst.is_floating_point)
 
 
 @dataclass
@@ -120,7 +131,8 @@ class SyncPlan:
     def validate(self) -> None:
         """``validate_sync``: raise ``ParameterSyncError`` naming destination tensors whose
         checksum differs from their source's."""
-        src_sums = checksums([s for s, _ in self.pairs], self.buckets)
+        dtypes = [d.dtype for _, d in self.pairs]
+        src_sums = checksums([s for s, _ in self.pairs], self.buckets, dtypes)
         dst_sums = checksums([d for _, d in self.pairs], self.buckets)
         _raise_if_differ(self.src, self.dst, self.names, src_sums, [dst_sums])
 
@@ -166,7 +178,8 @@ class CrossSync:
     boundaries without talking: the shapes of the side that is not local come from running
     its ``setup()`` on the meta device. Bucket ``b`` is sent by source rank
     ``src_ranks[b % len(src_ranks)]`` (every source rank holds the same weights), so no
-    single rank sends them all.
+    single rank sends them all. The destination's dtypes (``dst_precision`` for an
+    inference copy set up elsewhere) are what travels: the sender casts.
     """
 
     def __init__(
@@ -177,6 +190,7 @@ class CrossSync:
         rank: int,
         src_ranks: tuple[int, ...],
         dst_ranks: tuple[int, ...],
+        dst_precision: str = "fp32",
     ) -> None:
         check_torch_modules(src, dst)
         self.src, self.dst = src.name, dst.name
@@ -187,6 +201,12 @@ class CrossSync:
         self.names = match_parameters(src, dst, src_params, dst_params)
         local = src_params if self.sends else dst_params
         self.tensors = [local[s if self.sends else d] for s, d in self.names]
+        self.dtypes = [
+            dst_params[d].dtype
+            if rank in dst_ranks
+            else hosted_dtype(dst_params[d].dtype, dst_precision, dst.trainable)
+            for _, d in self.names
+        ]
         sizes = [nbytes(src_params[s]) for s, _ in self.names]
         self.buckets = _partition(sizes, buckets)
 
@@ -201,14 +221,16 @@ class CrossSync:
         more travel straight from the source parameter into the destination parameter;
         smaller ones share one flat buffer.
         """
-        tensors = [self.tensors[i] for i in self.buckets[bucket]]
+        indices = self.buckets[bucket]
+        tensors = [self.tensors[i] for i in indices]
         if not tensors:
             return
         root = self.root(bucket)
         if self.sends:
             with gathered(tensors):  # ZeRO-3: this bucket only, on every source rank
                 if self.rank == root:
-                    _broadcast_tensors(tensors, root, group, receive=False)
+                    cast = [_as(t, self.dtypes[i]) for i, t in zip(indices, tensors, strict=True)]
+                    _broadcast_tensors(cast, root, group, receive=False)
             return
         with torch.no_grad():
             _broadcast_tensors(tensors, root, group, receive=True)
@@ -216,7 +238,7 @@ class CrossSync:
     def validate(self, group: object) -> None:
         """Compare checksums of every source and destination tensor (``validate_sync``);
         raise ``ParameterSyncError`` naming the parameters that differ."""
-        mine = (self.sends, checksums(self.tensors, self.buckets))
+        mine = (self.sends, checksums(self.tensors, self.buckets, self.dtypes))
         parts: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(parts, mine, group=group)
         expected = next(sums for sends, sums in parts if sends)
@@ -275,15 +297,25 @@ def _raise_if_differ(
         )
 
 
-def checksums(tensors: list[torch.Tensor], buckets: list[list[int]] | None = None) -> list[int]:
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach() if tensor.dtype == dtype else tensor.detach().to(dtype)
+
+
+def checksums(
+    tensors: list[torch.Tensor],
+    buckets: list[list[int]] | None = None,
+    dtypes: list[torch.dtype] | None = None,
+) -> list[int]:
     """A CRC32 of every tensor's bytes (exact: one flipped bit changes it), gathering
-    ZeRO-3 shards bucket by bucket."""
+    ZeRO-3 shards bucket by bucket; of its cast to ``dtypes[i]`` when given (what a sync
+    into a lower-precision copy must produce)."""
     sums = [0] * len(tensors)
     for bucket in buckets or [list(range(len(tensors)))]:
         members = [tensors[i] for i in bucket]
         with gathered(members):
             for i, t in zip(bucket, members, strict=True):
-                raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                value = _as(t, dtypes[i]) if dtypes else t.detach()
+                raw = value.cpu().contiguous().reshape(-1).view(torch.uint8)
                 sums[i] = zlib.crc32(raw.numpy())
     return sums
 
