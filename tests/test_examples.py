@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowgraph.compiler.cluster import ClusterSpec
 from spmd import run_command, torchrun
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -86,6 +87,29 @@ def test_grpo_example_learns_the_counting_task(tmp_path):
     records = grpo.main([*QUIET, "runtime.num_episode=20", f"runtime.log_dir={tmp_path}"])
     rewards = train_rewards(records, "grpo_policy/reward")
     assert rewards[0] < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
+
+
+def test_grpo_without_a_reference_model_learns(tmp_path):
+    grpo = load_example("grpo_no_reference")
+    records = grpo.main([*QUIET, "runtime.num_episode=20", f"runtime.log_dir={tmp_path}"])
+    rewards = train_rewards(records, "grpo_policy/reward")
+    assert rewards[0] < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
+    assert all(r.metrics["grpo_policy/kl"] == 0 for r in records if r.episode > 0)
+    assert "reference" not in str(grpo.engine.compile(ClusterSpec.from_world_size(1)))
+
+
+def test_grpo_with_beta_but_no_reference_names_the_fix(tmp_path):
+    grpo = load_example("grpo_no_reference")
+    with pytest.raises(ValueError, match="needs ref_logprobs: call reference.forward_step"):
+        grpo.main(
+            [
+                *QUIET,
+                "runtime.num_episode=1",
+                "models.grpo_policy.args.beta=0.04",
+                "runtime.enable_eval_before_training=false",
+                f"runtime.log_dir={tmp_path}",
+            ]
+        )
 
 
 def test_rl_runs_are_deterministic(tmp_path):

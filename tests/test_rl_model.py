@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from flowgraph.rl.gpt import GPTConfig, TinyGPT
-from flowgraph.rl.sampling import generate, sample_next, token_logprobs
+from flowgraph.rl.gpt import GPTConfig, KVCache, TinyGPT
+from flowgraph.rl.sampling import generate, response_logits, sample_next, token_logprobs
 from flowgraph.rl.tokenizer import CharTokenizer
 
 TOK = CharTokenizer("0123456789abc")
@@ -114,3 +114,48 @@ def test_tokenizer_round_trip_and_errors():
         TOK.encode("Z_1")
     with pytest.raises(ValueError, match="repeats a character"):
         CharTokenizer("aa")
+
+
+def test_the_sampling_log_probs_are_those_of_a_full_forward_pass():
+    """``Generation.logprobs`` replaces the policy's second forward pass (old_logprobs): they
+    must be what the trainer's forward gives for the same tokens (the reference too)."""
+    gpt = model()
+    ids, mask = TOK.batch(["12", "345", "6"])
+    out = generate(gpt, ids, mask, 6, temperature=0.7, top_k=5, stop_tokens=[TOK.eos_id],
+                   pad_id=TOK.pad_id, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    full = token_logprobs(gpt(out.sequences, out.attention_mask), out.sequences, out.prompt_length)
+    sliced = response_logits(gpt, out.sequences, out.attention_mask, out.prompt_length)
+    torch.testing.assert_close(out.logprobs, full * out.response_mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        token_logprobs(sliced, out.sequences, out.prompt_length), full, atol=1e-5, rtol=0
+    )
+
+
+def test_finished_rows_leave_the_batch_and_the_answers_do_not_change():
+    """Rows that stop early are dropped from the batch and its KV cache (``KVCache.keep``);
+    every row's tokens and log-probs equal those of full recomputation, which never drops."""
+    torch.manual_seed(1)
+    gpt = TinyGPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_embd=16,
+                            max_seq_len=40))  # fmt: skip
+    ids, mask = TOK.batch([str(i % 10) + str(i * 7 % 10) * (1 + i % 3) for i in range(24)])
+    kept = []
+    original_keep = KVCache.keep
+
+    def spy(cache, rows):
+        kept.append(len(rows))
+        original_keep(cache, rows)
+
+    stops = [3, 6, 9, 12]  # with this model, rows stop after 1 to 11 tokens
+    settings = dict(max_new_tokens=16, temperature=0.0, stop_tokens=stops, pad_id=TOK.pad_id)
+    KVCache.keep = spy
+    try:
+        cached = generate(gpt, ids, mask, **settings)
+    finally:
+        KVCache.keep = original_keep
+    full = generate(gpt, ids, mask, use_cache=False, **settings)
+    assert len(kept) >= 3 and kept == sorted(kept, reverse=True)  # compacted again and again
+    assert torch.equal(cached.sequences, full.sequences)
+    assert torch.equal(cached.response_mask, full.response_mask)
+    torch.testing.assert_close(cached.logprobs, full.logprobs, atol=1e-5, rtol=0)
+    lengths = cached.response_mask.sum(1)
+    assert lengths.min() < lengths.max()  # rows did stop at different steps

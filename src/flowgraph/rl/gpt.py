@@ -61,6 +61,12 @@ class KVCache:
         self.positions = torch.zeros(batch, dtype=torch.long, device=like.device)
         self.filled = 0
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every row but ``rows`` (finished rows of a generation stop costing work)."""
+        self.kv = self.kv.index_select(2, rows)
+        self.key_mask = self.key_mask.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """Store this step's keys/values of ``layer``; return all of them so far."""
         end = self.filled + k.shape[2]
@@ -134,11 +140,8 @@ class TinyGPT(nn.Module):
             start = cache.filled
             cache.key_mask[:, start : start + t] = mask
             key_mask = cache.key_mask[:, : start + t]
-        if int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {int(positions.max()) + 1} tokens exceeds max_seq_len="
-                f"{self.config.max_seq_len} of this TinyGPT; raise max_seq_len in its args"
-            )
+        if cache is None or cache.filled == 0:
+            self._check_length(int(positions.max()) + 1)
         x = self.tok_emb(input_ids) + self.pos_emb(positions)
         attn = _attention_mask(key_mask, start, t)
         for layer, block in enumerate(self.blocks):
@@ -148,13 +151,25 @@ class TinyGPT(nn.Module):
             cache.positions = cache.positions + mask.long().sum(1)
         return self.ln_f(x)
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
-        """Logits ``[B, T, vocab]`` for every position of ``input_ids``."""
-        return self.lm_head(self.hidden(input_ids, attention_mask, cache))
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                logits_from: int = 0):  # fmt: skip
+        """Logits ``[B, T, vocab]`` for every position of ``input_ids`` (``logits_from=k``:
+        of positions ``k`` on only, the LM head skips the others)."""
+        hidden = self.hidden(input_ids, attention_mask, cache)
+        return self.lm_head(hidden[:, logits_from:] if logits_from else hidden)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
-        """An empty KV cache for ``batch`` rows of up to ``length`` tokens (for ``generate``)."""
+        """An empty KV cache for ``batch`` rows of up to ``length`` tokens (for ``generate``);
+        its length is checked against ``max_seq_len`` here, once."""
+        self._check_length(length)
         return KVCache(self.config, batch, length, self.lm_head.weight)
+
+    def _check_length(self, tokens: int) -> None:
+        if tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {tokens} tokens exceeds max_seq_len={self.config.max_seq_len} "
+                "of this TinyGPT; raise max_seq_len in its args"
+            )
 
 
 class ValueGPT(nn.Module):

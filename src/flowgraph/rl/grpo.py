@@ -38,19 +38,29 @@ def group_advantages(
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,
     beta: float = 0.04,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per token: clipped surrogate with the row's advantage ``[B]`` plus ``beta`` times the
-    k3 estimate of KL(policy || reference); averaged over each row's tokens, then rows."""
+    k3 estimate of KL(policy || reference); averaged over each row's tokens, then rows.
+    Without a reference (``ref_logprobs`` None, which needs ``beta`` 0) there is no KL term."""
+    if ref_logprobs is None and beta:
+        raise ValueError(
+            f"GRPO with beta={beta} needs ref_logprobs: call reference.forward_step in the "
+            "env flow, or set beta: 0 in the trainer's args to train without a reference"
+        )
     ratio = (logprobs - old_logprobs).exp()
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
-    kl = kl_penalty(logprobs, ref_logprobs, "k3")
-    per_token = -surrogate + beta * kl
+    if ref_logprobs is None:
+        kl = torch.zeros_like(logprobs)
+        per_token = -surrogate
+    else:
+        kl = kl_penalty(logprobs, ref_logprobs, "k3")
+        per_token = -surrogate + beta * kl
     loss = masked_mean(per_token, mask, dim=1).mean()
     with torch.no_grad():
         stats = {

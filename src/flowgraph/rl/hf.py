@@ -178,7 +178,8 @@ class HFCache:
 
 class HFCausalLM(nn.Module):
     """A ``transformers`` causal LM with ``TinyGPT``'s call: ``model(ids, mask, cache)``
-    gives logits ``[B, T, vocab]``; ``new_cache`` starts a cache for ``generate``."""
+    gives logits ``[B, T, vocab]`` (``logits_from=k``: of positions ``k`` on only);
+    ``new_cache`` starts a cache for ``generate``."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
@@ -187,15 +188,19 @@ class HFCausalLM(nn.Module):
     def new_cache(self, batch: int, length: int) -> HFCache:
         return HFCache()
 
-    def forward(self, input_ids, attention_mask=None, cache: HFCache | None = None):
+    def forward(
+        self, input_ids, attention_mask=None, cache: HFCache | None = None, logits_from: int = 0
+    ):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        keep = input_ids.shape[1] - logits_from  # transformers' logits_to_keep: the last ones
         if cache is None:
             out = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=mask_positions(attention_mask),
                 use_cache=False,
+                logits_to_keep=keep,
             )
             return out.logits
         full = attention_mask if cache.mask is None else torch.cat([cache.mask, attention_mask], 1)
@@ -205,6 +210,7 @@ class HFCausalLM(nn.Module):
             position_ids=mask_positions(full)[:, -input_ids.shape[1] :],
             past_key_values=cache.past,
             use_cache=True,
+            logits_to_keep=keep,
         )
         cache.mask, cache.past = full, out.past_key_values
         return out.logits

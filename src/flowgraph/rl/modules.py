@@ -57,7 +57,7 @@ from flowgraph.rl.ppo import (
     token_rewards,
     value_loss,
 )
-from flowgraph.rl.sampling import generate, token_logprobs
+from flowgraph.rl.sampling import generate, response_logits, token_logprobs
 from flowgraph.rl.tasks import reward_function
 from flowgraph.rl.tokenizer import DIGITS, CharTokenizer
 
@@ -190,13 +190,12 @@ class PolicyInference(GPTModule):
             pad_id=self.tokenizer.pad_id,
             prompt_width=runtime.prompt_length,
         )
-        logits = self.model(out.sequences, out.attention_mask)
         return {
             **data,
             "sequences": out.sequences,
             "attention_mask": out.attention_mask,
             "response_mask": out.response_mask,
-            "old_logprobs": token_logprobs(logits, out.sequences, out.prompt_length),
+            "old_logprobs": out.logprobs,  # from the sampling itself: no second forward
             "answer": [self.tokenizer.decode(row) for row in out.responses],
         }
 
@@ -206,9 +205,9 @@ class PolicyReference(GPTModule):
 
     @torch.no_grad()
     def forward_step(self, data: dict) -> dict:
-        logits = self.model(data["sequences"], data["attention_mask"])
-        logprobs = token_logprobs(logits, data["sequences"], prompt_length(data))
-        return {**data, "ref_logprobs": logprobs}
+        p = prompt_length(data)
+        logits = response_logits(self.model, data["sequences"], data["attention_mask"], p)
+        return {**data, "ref_logprobs": token_logprobs(logits, data["sequences"], p)}
 
 
 class ValueInference(GPTModule):
@@ -226,7 +225,8 @@ class ValueInference(GPTModule):
 class RewardInference(GPTModule):
     """Scores answers with a rule (``args.task``) and turns the scores into advantages:
     with a value model's ``old_values`` in the batch, PPO's KL-shaped token rewards and
-    GAE; without, GRPO's group-relative advantages over ``num_inference_per_prompt`` rows."""
+    GAE; without, GRPO's group-relative advantages over ``num_inference_per_prompt`` rows.
+    ``kl`` is 0 when no reference model added ``ref_logprobs`` (GRPO with beta 0)."""
 
     def setup(self) -> None:
         self.rule = reward_function(self.arg("task", "count_up"))
@@ -242,7 +242,10 @@ class RewardInference(GPTModule):
         data = {k: v for batch in inputs for k, v in batch.items()}
         score = self.score(data)
         mask = data["response_mask"]
-        kl = kl_penalty(data["old_logprobs"], data["ref_logprobs"]) * mask
+        if "ref_logprobs" in data:
+            kl = kl_penalty(data["old_logprobs"], data["ref_logprobs"]) * mask
+        else:  # GRPO without a reference model (beta 0)
+            kl = torch.zeros_like(mask)
         out = {**data, "score": score, "kl": kl.sum(1)}
         if "old_values" in data:
             rewards = token_rewards(score, kl, mask, float(self.arg("kl_coef", 0.05)))
@@ -295,8 +298,8 @@ class PolicyTrainer(GPTModule):
             rows = len(mb["sequences"])
             advantages, start = adv_all[start : start + rows], start + rows
             with sync:
-                logits = self.model(mb["sequences"], mb["attention_mask"])
                 p = prompt_length(mb)
+                logits = response_logits(self.model, mb["sequences"], mb["attention_mask"], p)
                 logprobs = token_logprobs(logits, mb["sequences"], p)
                 loss, info = policy_loss(
                     logprobs, mb["old_logprobs"], advantages, mb["response_mask"],
@@ -304,7 +307,7 @@ class PolicyTrainer(GPTModule):
                 )  # fmt: skip
                 coef = float(self.arg("entropy_coef", 0.0))
                 with torch.set_grad_enabled(coef > 0):  # no backward through it when unused
-                    ent = entropy(logits[:, p - 1 : -1], mb["response_mask"])
+                    ent = entropy(logits[:, :-1], mb["response_mask"])
                 ((loss - coef * ent) * weight).backward()
             stats.append({**info, "loss": loss.item(), "entropy": ent.item()})
         grad_norm = self.step_optimizer()
@@ -345,8 +348,9 @@ class SFTTrainer(GPTModule):
         losses = []
         for mb, weight, sync in self.accumulate(micro_batches):
             with sync:
-                logits = self.model(mb["sequences"], mb["attention_mask"])
-                logprobs = token_logprobs(logits, mb["sequences"], prompt_length(mb))
+                p = prompt_length(mb)
+                logits = response_logits(self.model, mb["sequences"], mb["attention_mask"], p)
+                logprobs = token_logprobs(logits, mb["sequences"], p)
                 loss = -masked_mean(logprobs, mb["response_mask"])
                 (loss * weight).backward()
             losses.append(loss.item())
@@ -355,16 +359,18 @@ class SFTTrainer(GPTModule):
 
 
 class GRPOTrainer(GPTModule):
-    """GRPO policy update: clipped surrogate with group advantages, KL to the reference."""
+    """GRPO policy update: clipped surrogate with group advantages, KL to the reference
+    (``args.beta``; with beta 0 the env flow needs no reference model at all)."""
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         stats = []
         for mb, weight, sync in self.accumulate(micro_batches):
             with sync:
-                logits = self.model(mb["sequences"], mb["attention_mask"])
-                logprobs = token_logprobs(logits, mb["sequences"], prompt_length(mb))
+                p = prompt_length(mb)
+                logits = response_logits(self.model, mb["sequences"], mb["attention_mask"], p)
+                logprobs = token_logprobs(logits, mb["sequences"], p)
                 loss, info = grpo_loss(
-                    logprobs, mb["old_logprobs"], mb["ref_logprobs"], mb["advantages"],
+                    logprobs, mb["old_logprobs"], mb.get("ref_logprobs"), mb["advantages"],
                     mb["response_mask"], float(self.arg("clip", 0.2)),
                     float(self.arg("beta", 0.04)),
                 )  # fmt: skip

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,6 +37,7 @@ class Generation:
     attention_mask: torch.Tensor  # [B, P + R] 1 on real tokens (prompt and response)
     response_mask: torch.Tensor  # [B, R] 1 up to and including the stop token
     prompt_length: int
+    logprobs: torch.Tensor | None = None  # [B, R] of the sampled tokens (0 after the stop)
 
     @property
     def responses(self) -> torch.Tensor:
@@ -95,6 +95,11 @@ def sample_next(
     return token.squeeze(-1).clamp_max(logits.shape[-1] - 1)
 
 
+# Finished rows leave the batch (and the KV cache) once they are this share of it: every
+# compaction copies the cache, so a row or two finishing does not trigger one.
+COMPACT_SHARE = 0.25
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -112,42 +117,71 @@ def generate(
 ) -> Generation:
     """Up to ``max_new_tokens`` tokens after every prompt row (see the module docstring);
     prompts are left-padded to at least ``prompt_width`` columns. ``model`` is a ``TinyGPT``
-    or anything with its interface: ``model(ids, mask, cache)`` gives logits and
-    ``model.new_cache(batch, length)`` an empty cache (``flowgraph.rl.hf.HFCausalLM``)."""
-    ids, mask = left_pad(input_ids, attention_mask, pad_id, prompt_width)
-    batch, prompt_length = ids.shape
-    stops = torch.tensor(list(stop_tokens), dtype=ids.dtype, device=ids.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    cache = model.new_cache(batch, prompt_length + max_new_tokens)
-    step_ids, step_mask = ids, mask
-    for _ in range(max_new_tokens):
-        if use_cache:
-            logits = model(step_ids, step_mask, cache)[:, -1]
-        else:
-            logits = model(ids, mask)[:, -1]
+    or anything with its interface: ``model(ids, mask, cache, logits_from=k)`` gives the
+    logits of positions ``k`` on and ``model.new_cache(batch, length)`` an empty cache
+    (``flowgraph.rl.hf.HFCausalLM``).
+
+    The sequences are written into buffers allocated once; only the last position's logits
+    are computed; the log-probability of every sampled token under the model's raw logits
+    (temperature 1, no top-k/top-p) is kept, in float32, as ``Generation.logprobs``; once a
+    quarter of the rows in the batch have finished, they leave it and its KV cache (when
+    the cache can ``keep`` rows, as ``TinyGPT``'s can)."""
+    prompt_ids, prompt_mask = left_pad(input_ids, attention_mask, pad_id, prompt_width)
+    batch, prompt_length = prompt_ids.shape
+    width = prompt_length + max_new_tokens
+    device = prompt_ids.device
+    ids = torch.full((batch, width), pad_id, dtype=prompt_ids.dtype, device=device)
+    mask = torch.zeros((batch, width), dtype=prompt_mask.dtype, device=device)
+    ids[:, :prompt_length], mask[:, :prompt_length] = prompt_ids, prompt_mask
+    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    stops = torch.tensor(list(stop_tokens), dtype=ids.dtype, device=device)
+    cache = model.new_cache(batch, width) if use_cache else None
+    compacts = cache is not None and hasattr(cache, "keep")
+    rows: torch.Tensor | None = None  # the rows still in the batch; None: all of them
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    step_ids, step_mask = prompt_ids, prompt_mask
+    for i in range(max_new_tokens):
+        column = prompt_length + i
+        here = slice(None) if rows is None else rows
+        if cache is None:
+            step_ids, step_mask = ids[here, :column], mask[here, :column]
+        logits = model(step_ids, step_mask, cache, logits_from=step_ids.shape[1] - 1)[:, -1]
+        logits = logits.float()
         token = sample_next(logits, temperature, top_k, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        alive = (~finished).to(mask.dtype)
-        ids = torch.cat([ids, token[:, None]], 1)
-        mask = torch.cat([mask, alive[:, None]], 1)
-        finished |= torch.isin(token, stops)
-        step_ids, step_mask = token[:, None], alive[:, None]
-        if bool(finished.all()):
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        ids[here, column] = token
+        mask[here, column] = alive.to(mask.dtype)
+        logprobs[here, i] = torch.where(alive, logprob, torch.zeros_like(logprob))
+        alive = alive & ~torch.isin(token, stops)
+        left = int(alive.sum())
+        if left == 0:
             break
-    response_mask = mask[:, prompt_length:]
-    pad = max_new_tokens - response_mask.shape[1]
-    if pad:  # every row stopped early: responses keep their full width
-        ids = F.pad(ids, (0, pad), value=pad_id)
-        mask = F.pad(mask, (0, pad), value=0)
-        response_mask = mask[:, prompt_length:]
-    return Generation(ids, mask, response_mask.float(), prompt_length)
+        if compacts and left <= (1 - COMPACT_SHARE) * len(alive):
+            keep = alive.nonzero().squeeze(1)
+            cache.keep(keep)
+            rows = keep if rows is None else rows[keep]
+            token, alive = token[keep], alive[keep]
+        step_ids, step_mask = token[:, None], alive[:, None].to(mask.dtype)
+    response_mask = mask[:, prompt_length:].float()
+    return Generation(ids, mask, response_mask, prompt_length, logprobs * response_mask)
 
 
 def token_logprobs(
     logits: torch.Tensor, sequences: torch.Tensor, prompt_length: int
 ) -> torch.Tensor:
-    """Log-probabilities ``[B, R]`` of the response tokens ``sequences[:, P:]`` under
-    ``logits`` ``[B, P + R, V]`` of the whole sequence (position t predicts token t+1)."""
-    predicting = logits[:, prompt_length - 1 : -1].float()
+    """Log-probabilities ``[B, R]`` (float32) of the response tokens ``sequences[:, P:]``
+    under ``logits`` ``[B, P + R, V]`` of the whole sequence (position t predicts token
+    t+1), or ``[B, R + 1, V]`` of positions ``P - 1`` on (``response_logits``)."""
+    responses = sequences.shape[1] - prompt_length
+    predicting = logits[:, -responses - 1 : -1].float()
     targets = sequences[:, prompt_length:]
     return predicting.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def response_logits(
+    model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+) -> torch.Tensor:
+    """Logits ``[B, R + 1, V]`` of positions ``P - 1`` on: those that predict the response
+    tokens, and the last one. The LM head skips the prompt's positions."""
+    return model(sequences, attention_mask, logits_from=prompt_length - 1)
