@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: install test gpu-check demo bench lint format docs clean
+.PHONY: install test gpu-check demo bench bench-peers lint format docs clean
 
 install: $(STAMP)
 
@@ -30,6 +30,21 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# flowgraph against Hugging Face TRL's GRPOTrainer (benchmarks/peers/compare.py), TRL in
+# its own venv: torch first, pinned (no CUDA wheels), then benchmarks/peers/requirements.txt.
+# ARGS passes options on, e.g. make bench-peers ARGS='--rounds 1 --steps 3'.
+PEER_VENV  := benchmarks/peers/.venv
+PEER_STAMP := $(PEER_VENV)/.installed-stamp
+
+$(PEER_STAMP): benchmarks/peers/requirements.txt
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q $(TORCH)
+	$(PEER_VENV)/bin/python -m pip install -q -r benchmarks/peers/requirements.txt
+	touch $(PEER_STAMP)
+
+bench-peers: install $(PEER_STAMP)
+	$(PY) benchmarks/peers/compare.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
