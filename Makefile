@@ -21,8 +21,11 @@ $(STAMP): setup.cfg pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# The GPU tier (NCCL gather, offload of device memory): run on a machine with CUDA.
+# The GPU tier, on a machine with CUDA: the CUDA path end to end, one line per check
+# (bf16 PPO/GRPO runs, sync, offload, DeepSpeed ZeRO-2, checkpoint resume, generation
+# speed), then NCCL transfers and device-memory offload (tests/test_gpu.py).
 gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 	$(PY) -m pytest -q -m gpu -rA tests/test_gpu.py
 
 demo: install

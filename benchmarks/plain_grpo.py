@@ -17,7 +17,7 @@ import yaml
 
 from flowgraph.rl.gpt import GPTConfig, TinyGPT
 from flowgraph.rl.grpo import group_advantages, grpo_loss
-from flowgraph.rl.sampling import generate, token_logprobs
+from flowgraph.rl.sampling import generate, response_logits, token_logprobs
 from flowgraph.rl.tasks import count_up, digit_prompts
 from flowgraph.rl.tokenizer import CharTokenizer
 
@@ -56,8 +56,8 @@ def run(episodes: int) -> list[float]:
                     stop_tokens=[tok.eos_id], prompt_width=rt["prompt_length"],
                 )  # fmt: skip
                 p, seq, att = out.prompt_length, out.sequences, out.attention_mask
-                old = token_logprobs(policy(seq, att), seq, p)
-                ref = token_logprobs(reference(seq, att), seq, p)
+                old = out.logprobs  # kept by the sampler, as flowgraph's policy does
+                ref = token_logprobs(response_logits(reference, seq, att, p), seq, p)
                 answers = [tok.decode(r) for r in out.responses]
                 pairs = zip(texts, answers, strict=True)
                 score = torch.tensor([count_up(t, a, rt["response_length"]) for t, a in pairs])
@@ -70,7 +70,8 @@ def run(episodes: int) -> list[float]:
             seq, att, rmask, old, ref, adv = (d[order[g : g + global_bs]] for d in data)
             for m in range(0, global_bs, micro):
                 s = slice(m, m + micro)
-                logp = token_logprobs(actor(seq[s], att[s]), seq[s], p)
+                logits = response_logits(actor, seq[s], att[s], p)
+                logp = token_logprobs(logits, seq[s], p)
                 loss, _ = grpo_loss(logp, old[s], ref[s], adv[s], rmask[s],
                                     train_args["clip"], train_args["beta"])  # fmt: skip
                 (loss * micro / global_bs).backward()

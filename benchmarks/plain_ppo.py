@@ -25,7 +25,7 @@ from flowgraph.rl.ppo import (
     token_rewards,
     value_loss,
 )
-from flowgraph.rl.sampling import generate, token_logprobs
+from flowgraph.rl.sampling import generate, response_logits, token_logprobs
 from flowgraph.rl.tasks import count_up, digit_prompts
 from flowgraph.rl.tokenizer import CharTokenizer
 
@@ -73,8 +73,8 @@ def run(episodes: int) -> list[float]:
                     out.attention_mask,
                     out.response_mask,
                 )
-                old = token_logprobs(policy(seq, att), seq, p)
-                ref = token_logprobs(reference(seq, att), seq, p)
+                old = out.logprobs  # kept by the sampler, as flowgraph's policy does
+                ref = token_logprobs(response_logits(reference, seq, att, p), seq, p)
                 values = value(seq, att)[:, p - 1 : -1]
                 answers = [tok.decode(r) for r in out.responses]
                 score = torch.tensor(
@@ -100,10 +100,10 @@ def run(episodes: int) -> list[float]:
                 adv = masked_whiten(adv, rmask)
                 for m in range(0, global_bs, micro):
                     s = slice(m, m + micro)
-                    logits = actor(seq[s], att[s])
+                    logits = response_logits(actor, seq[s], att[s], p)
                     logp = token_logprobs(logits, seq[s], p)
                     loss, _ = policy_loss(logp, old[s], adv[s], rmask[s], 0.2)
-                    ent = entropy(logits[:, p - 1 : -1], rmask[s])
+                    ent = entropy(logits[:, :-1], rmask[s])
                     (loss * micro / global_bs).backward()
                     v = critic(seq[s], att[s])[:, p - 1 : -1]
                     (value_loss(v, values[s], ret[s], rmask[s], 0.2) * micro / global_bs).backward()

@@ -39,6 +39,7 @@ the value model ``old_values``; the reward ``score``, ``kl``, ``advantages`` (an
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -101,10 +102,20 @@ class GPTModule(TorchModule):
             self.model_config.args, self.network is ValueGPT, config.vocab_size, special
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network and its batches live: this rank's CUDA device when there is
+        one (``FLOWGRAPH_DEVICE=cpu`` keeps a GPU machine on the CPU), else the CPU."""
+        if torch.cuda.is_available() and os.environ.get("FLOWGRAPH_DEVICE", "") != "cpu":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def setup(self) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(self.arg("init_seed", 0))
-            self.model = self.build_network()
+            self.model = self.build_network()  # initialised on the CPU: the same everywhere
+        if not any(p.is_meta for p in self.model.parameters()):  # meta: sized by the compiler
+            self.model.to(self.device)
         if self.trainable:
             self.optimizer = torch.optim.AdamW(
                 self.model.parameters(), lr=float(self.arg("lr", 1e-3)), weight_decay=0.0
@@ -173,6 +184,7 @@ class PolicyInference(GPTModule):
     def _answer(self, data: dict, temperature: float) -> dict:
         runtime = self.runtime_config
         ids, mask = self.tokenizer.batch(data["prompt"], side="left")
+        ids, mask = ids.to(self.device), mask.to(self.device)
         if ids.shape[1] > runtime.prompt_length:
             raise ValueError(
                 f"a prompt of {ids.shape[1]} tokens is longer than runtime.prompt_length="
@@ -235,7 +247,9 @@ class RewardInference(GPTModule):
         length = self.runtime_config.response_length
         length = int(self.arg("score_length", length))
         pairs = zip(data["prompt"], data["answer"], strict=True)
-        return torch.tensor([self.rule(prompt, answer, length) for prompt, answer in pairs])
+        scores = [self.rule(prompt, answer, length) for prompt, answer in pairs]
+        devices = [v.device for v in data.values() if isinstance(v, torch.Tensor)]
+        return torch.tensor(scores, device=devices[0] if devices else None)
 
     @torch.no_grad()
     def forward_step(self, *inputs: dict) -> dict:

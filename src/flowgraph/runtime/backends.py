@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 
+import torch
 import torch.distributed as dist
 
 from flowgraph.config import ModelConfig, RuntimeConfig
@@ -81,7 +82,9 @@ def ensure_process_group() -> None:
                 "MASTER_PORT": str(port)}  # fmt: skip
     for key, value in defaults.items():
         os.environ.setdefault(key, value)  # DeepSpeed reads these, as torchrun sets them
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    on_gpu = torch.cuda.is_available() and os.environ.get("FLOWGRAPH_DEVICE", "") != "cpu"
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)  # fmt: skip
 
 
 def prepare(
