@@ -43,14 +43,19 @@ TRL_SIDES = {"trl-fp32": ["--no-bf16"], "trl-bf16": ["--bf16"]}
 TRL_LABELS = {"trl-fp32": "TRL GRPOTrainer fp32", "trl-bf16": "TRL GRPOTrainer bf16 (default)"}
 
 # flowgraph variants: label -> key=value overrides after examples/grpo_bench.yaml (a list
-# that starts with "--config", FILE runs FILE instead). Add one per setting to compare
+# that starts with "--torchrun" runs under torchrun with 2 ranks; then "--config", FILE
+# runs FILE instead). Add one per setting to compare
 # (precision, threads, layouts ...). "flowgraph" is the yaml as it is (the built-in
 # TinyGPT); "flowgraph-hf" the same setting with the GPT2LMHeadModel that TRL trains (the
 # same config and seed, so the same initial weights).
 VARIANTS: dict[str, list[str]] = {
     "flowgraph": [],
     "flowgraph-hf": ["--config", "examples/grpo_bench_hf.yaml"],
+    # two ranks of one thread each (the fastest layout on 2 cores); 16 prompts per
+    # generation call so that both ranks generate
+    "flowgraph-torchrun": ["--torchrun", "runtime.generation_batch_size=16"],
 }
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 OFFLINE = {
     "HF_HUB_OFFLINE": "1",
@@ -120,10 +125,14 @@ def flowgraph_run(label: str, overrides: list[str], steps: int, tmp: Path) -> di
     log_dir = tmp / f"{label}-logs"
     python = str(FLOWGRAPH_PYTHON if FLOWGRAPH_PYTHON.exists() else sys.executable)
     config = "examples/grpo_bench.yaml"
+    launcher = []
+    if overrides[:1] == ["--torchrun"]:
+        launcher, overrides = TORCHRUN, overrides[1:]
     if overrides[:1] == ["--config"]:
         config, overrides = overrides[1], overrides[2:]
     cmd = [
         python,
+        *launcher,
         "examples/grpo.py",
         "--config",
         config,
