@@ -86,7 +86,9 @@ def setting(config: str, episodes: int) -> list[dict]:
 
 
 def matmul_weights(args: dict) -> int:
-    """Weights that every token's forward multiplies: 12 d^2 per block, d x V for the head."""
+    """Weights that every token's forward multiplies: 12 d^2 per block, d x V for the head
+    (the shape from the TinyGPT args or an inline ``hf_config``)."""
+    args = args.get("hf_config", args)
     d, layers, vocab = int(args["n_embd"]), int(args["n_layer"]), int(args["vocab_size"])
     return 12 * d * d * layers + d * vocab
 
