@@ -19,6 +19,7 @@ import bench_compile  # noqa: E402
 import bench_gather  # noqa: E402
 import bench_generation  # noqa: E402
 import bench_grpo  # noqa: E402
+import bench_matmul  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_rl  # noqa: E402
 import bench_runtime  # noqa: E402
@@ -39,6 +40,7 @@ def main() -> None:
         + bench_gather.main()
         + bench_runtime.main()
         + bench_sync.main()
+        + bench_matmul.main()
         + bench_generation.main()
         + bench_rl.main()
         + bench_grpo.main()

@@ -14,6 +14,7 @@ from typing import Any
 from flowgraph.config import Config
 from flowgraph.data import Batch, Dataset
 from flowgraph.module import BaseModule
+from flowgraph.precision import resolve
 
 
 @dataclass
@@ -27,3 +28,8 @@ class Job:
     eval_dataset: Dataset | None = None
     post_process: Callable[[list[Batch]], Mapping[str, Any]] | None = None
     log: Callable[[str], None] = print
+
+    def precisions(self, device_type: str) -> dict[str, str]:
+        """Every model's precision on ``device_type``, ``auto`` resolved (``fp32``, ...)."""
+        return {name: resolve(self.config.model(name).precision, device_type)
+                for name in self.modules}  # fmt: skip

@@ -23,7 +23,7 @@ import torch
 
 from flowgraph.compiler.plan import Plan
 from flowgraph.data import batch_size
-from flowgraph.precision import cast_inference_model, resolve
+from flowgraph.precision import cast_inference_model
 from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.comm import Communicator
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches
@@ -49,6 +49,7 @@ class EpisodeLoop:
         self.rank = comm.rank
         self.mesh = {p.model: p.ranks for p in plan.placement}
         self.hosted = Hosted(device_type=comm.device.type)
+        self.precisions = job.precisions(comm.device.type)
         self.timeline = Timeline(self.rank, self.runtime.trace)
         self.reporter = Reporter(self.runtime, job.log, enabled=self.rank == 0)
         self.history: list[EpisodeRecord] = []
@@ -167,11 +168,10 @@ class EpisodeLoop:
         module = self.job.modules[name]
         reseed(self.runtime.seed, "setup", name)
         module.setup()
-        precision = resolve(self.job.config.model(name).precision, self.comm.device.type)
-        self.hosted.precisions[name] = precision
+        self.hosted.precisions[name] = self.precisions[name]
         network = getattr(module, "model", None)
         if not module.trainable and isinstance(network, torch.nn.Module):
-            cast_inference_model(network, precision)
+            cast_inference_model(network, self.precisions[name])
         if module.trainable:
             ranks = self.mesh[name]
             prepare(module, self.comm.group(ranks), len(ranks), self.runtime)
@@ -188,11 +188,9 @@ class EpisodeLoop:
                 if self.rank in src_ranks:
                     self.hosted.local_syncs[key] = SyncPlan.build(src, dst, bucket_bytes)
             elif self.rank in src_ranks or self.rank in dst_ranks:
-                precision = resolve(self.job.config.model(sync.dst).precision,
-                                    self.comm.device.type)  # fmt: skip
-                self.hosted.cross_syncs[key] = CrossSync(
-                    src, dst, sync.buckets, self.rank, src_ranks, dst_ranks, precision
-                )
+                self.hosted.cross_syncs[key] = CrossSync(src, dst, sync.buckets, self.rank,
+                                                         src_ranks, dst_ranks,
+                                                         self.precisions[sync.dst])  # fmt: skip
 
     def _rank_sets(self) -> list[tuple[int, ...]]:
         """Every process group the plan's instructions use (the same list on every rank)."""

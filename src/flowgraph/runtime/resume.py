@@ -21,7 +21,6 @@ from pathlib import Path
 
 from flowgraph.compiler.plan import Plan
 from flowgraph.module import BaseModule, DeepSpeedModule
-from flowgraph.precision import resolve
 from flowgraph.runtime.checkpoint import (
     Checkpoint,
     CheckpointStore,
@@ -86,10 +85,7 @@ class RunCheckpoints:
                 comm.barrier, runtime.checkpoint_checksums,
             )  # fmt: skip
         self.fingerprint = flow_fingerprint(plan)
-        self.precisions = {
-            name: resolve(job.config.model(name).precision, comm.device.type)
-            for name in job.modules
-        }  # fmt: skip
+        self.precisions = job.precisions(comm.device.type)
         self.resumed: Checkpoint | None = None
         self.states: dict[str, object] = {}
         if self.store is not None and runtime.resume:
