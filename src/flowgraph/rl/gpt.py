@@ -95,11 +95,10 @@ class _Block(nn.Module):
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        y = (
-            _decode_attention(q, k, v, attn_mask)
-            if t == 1
-            else (F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
-        )
+        if t == 1:
+            y = _decode_attention(q, k, v, attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln2(x))
 
@@ -193,9 +192,10 @@ class ValueGPT(nn.Module):
 
 
 def _decode_attention(q, k, v, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one new token per row to the cached keys, as two batched matmuls:
-    on CPUs about a quarter faster than ``scaled_dot_product_attention``'s kernel, which
-    is built for many queries (softmax in float32, as that kernel does)."""
+    """Attention of one new token per row to the cached keys, as two batched matmuls (softmax
+    in float32, as the fused kernel does): on CPUs faster than
+    ``scaled_dot_product_attention``'s kernel for a single query (9 % more tokens/s in the
+    GRPO bench's rollout)."""
     scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
