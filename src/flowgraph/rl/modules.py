@@ -39,11 +39,11 @@ the value model ``old_values``; the reward ``score``, ``kl``, ``advantages`` (an
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
 
+from flowgraph.devices import cuda_wanted
 from flowgraph.module import TorchModule
 from flowgraph.rl import hf
 from flowgraph.rl.gpt import GPTConfig, TinyGPT, ValueGPT
@@ -106,7 +106,7 @@ class GPTModule(TorchModule):
     def device(self) -> torch.device:
         """Where the network and its batches live: this rank's CUDA device when there is
         one (``FLOWGRAPH_DEVICE=cpu`` keeps a GPU machine on the CPU), else the CPU."""
-        if torch.cuda.is_available() and os.environ.get("FLOWGRAPH_DEVICE", "") != "cpu":
+        if cuda_wanted():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

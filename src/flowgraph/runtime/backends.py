@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 import socket
 
-import torch
 import torch.distributed as dist
 
 from flowgraph.config import ModelConfig, RuntimeConfig
+from flowgraph.devices import cuda_wanted
 from flowgraph.errors import ConfigError
 from flowgraph.module import BaseModule, DeepSpeedModule, TorchModule
 
@@ -82,8 +82,7 @@ def ensure_process_group() -> None:
                 "MASTER_PORT": str(port)}  # fmt: skip
     for key, value in defaults.items():
         os.environ.setdefault(key, value)  # DeepSpeed reads these, as torchrun sets them
-    on_gpu = torch.cuda.is_available() and os.environ.get("FLOWGRAPH_DEVICE", "") != "cpu"
-    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+    dist.init_process_group("nccl" if cuda_wanted() else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)  # fmt: skip
 
 

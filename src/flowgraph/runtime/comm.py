@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.data import Batch
+from flowgraph.devices import rank_device
 from flowgraph.errors import PlanError
 from flowgraph.runtime.transport import Outbox, all_gather_batches, all_gather_objects, recv_batch
 
@@ -86,10 +87,13 @@ class Communicator:
 
 
 class LocalComm(Communicator):
-    """World size 1: everything is local."""
+    """World size 1: everything is local, on this process's device (``flowgraph.devices``)."""
+
+    def __init__(self) -> None:
+        self.device = rank_device(0)
 
     def cluster(self) -> ClusterSpec:
-        if torch.cuda.is_available() and os.environ.get("FLOWGRAPH_DEVICE", "") != "cpu":
+        if self.device.type == "cuda":
             return ClusterSpec.from_world_size(1, 1)
         return ClusterSpec.cpu(1)
 
@@ -121,8 +125,7 @@ class DistComm(Communicator):
         if world <= 1:
             return None
         local_rank = int(env.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and env.get("FLOWGRAPH_DEVICE", "") != "cpu"
-        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        device = rank_device(local_rank)
         return cls(int(env["RANK"]), world, local_rank,
                    int(env.get("LOCAL_WORLD_SIZE", str(world))), device)  # fmt: skip
 
