@@ -100,7 +100,10 @@ class RewardInference(Recorded):
                 time.sleep(3600)
             raise RuntimeError("injected failure in the reward model")
         out = super().forward_step(data)
-        return {**out, "reward": out["reward_y"].sum(-1)}
+        # The policy's output counts, so the trainers' targets depend on the weights that
+        # generated the episode (what max_staleness changes).
+        policy_y = out.get("policy_y", torch.zeros_like(out["reward_y"]))
+        return {**out, "reward": out["reward_y"].sum(-1) + 0.5 * policy_y.sum(-1)}
 
     def eval_step(self, data):
         out = super().eval_step(data)

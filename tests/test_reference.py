@@ -32,9 +32,18 @@ def engine_over(m):
     return rlhf_flows.wire(m, evaluator).set_dataset(prompts(40, seed=0)), evaluator
 
 
-@pytest.mark.parametrize("models", [{}, {"policy": {"sync_frequency": 2}}], ids=["every", "2"])
-def test_one_process_equals_the_eager_reference(models):
-    flowgraph.init({"runtime": RUNTIME, "models": models})
+@pytest.mark.parametrize(
+    "models, staleness",
+    [
+        ({}, 0),
+        ({"policy": {"sync_frequency": 2}}, 0),
+        ({}, 1),
+        ({"value": {"sync_frequency": 2}}, 2),
+    ],
+    ids=["every", "2", "stale-1", "stale-2-every-2"],
+)
+def test_one_process_equals_the_eager_reference(models, staleness):
+    flowgraph.init({"runtime": {**RUNTIME, "max_staleness": staleness}, "models": models})
     ours = fresh()
     engine, evaluator = engine_over(ours)
     records = engine.learn()

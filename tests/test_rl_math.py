@@ -109,6 +109,39 @@ def test_policy_loss_clips_the_ratio():
     assert stats["approx_kl"] == pytest.approx((math.log(1.5) ** 2 + math.log(0.5) ** 2) / 4)
 
 
+def test_stale_rows_are_weighted_by_the_truncated_importance_ratio():
+    behaviour = torch.log(torch.tensor([[0.2, 0.4], [0.2, 0.4]]))  # the older policy drew them
+    logp = torch.log(torch.tensor([[0.5, 0.3], [0.5, 0.3]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    mask = torch.ones(2, 2)
+    staleness = torch.tensor([0, 2])  # row 0 fresh, row 1 two episodes old
+    loss, stats = policy_loss(logp, behaviour, adv, mask, clip=0.2, staleness=staleness,
+                              tis_cap=2.0)  # fmt: skip
+    # fresh row: PPO against the behaviour policy, ratios 2.5 and 0.75:
+    #   min(2.5, 1.2) = 1.2 and min(0.75, 0.8) = 0.75;
+    # stale row: ratio to the current policy 1, weights min(2.5, 2) = 2 and 0.75.
+    assert loss.item() == pytest.approx(-(1.2 + 0.75 + 2.0 + 0.75) / 4)
+    loss.backward()
+    # d/dlogp: fresh token 0 is clipped (no gradient), token 1 gives -0.75/4; the stale
+    # tokens give -weight/4 (the weight is a constant).
+    expected = torch.tensor([[0.0, -0.75 / 4], [-2.0 / 4, -0.75 / 4]])
+    torch.testing.assert_close(logp.grad, expected)
+    assert stats["staleness"] == pytest.approx(1.0)
+    assert stats["tis_clipped"] == pytest.approx(1 / 4)  # one token of four hit the cap
+    fresh, _ = policy_loss(logp, behaviour, adv, mask, clip=0.2, staleness=torch.zeros(2))
+    plain, _ = policy_loss(logp, behaviour, adv, mask, clip=0.2)
+    assert fresh.item() == plain.item() == pytest.approx(-(1.2 + 0.75) / 2)
+
+
+def test_grpo_weights_stale_rows_too():
+    behaviour = torch.log(torch.tensor([[0.1]]))
+    logp = torch.log(torch.tensor([[0.5]]))
+    loss, stats = grpo_loss(logp, behaviour, None, torch.tensor([-1.0]), torch.ones(1, 1),
+                            beta=0.0, staleness=torch.tensor([1]), tis_cap=3.0)  # fmt: skip
+    assert loss.item() == pytest.approx(3.0)  # ratio 1, weight min(5, 3), advantage -1
+    assert stats["tis_clipped"] == 1.0
+
+
 def test_value_loss_takes_the_worse_of_clipped_and_unclipped():
     values = torch.tensor([[1.0, 0.0]])
     old = torch.tensor([[0.0, 0.0]])

@@ -81,6 +81,14 @@ class RuntimeConfig(BaseModel):
         "(false: start afresh; checkpoints then overwrite the old ones).",
     )
     seed: int = Field(1234, description="Seed of data order and of every rank's RNGs.")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="Asynchronous rollout: episode e generates with the inference weights "
+        "synced after episode e-1-k (k = this), so generating episode e+k overlaps training "
+        "episode e on disjoint devices; 0 = on-policy. The weights behind every sample are a "
+        "function of the episode number, not of timing (docs/async.md).",
+    )
     colocation: list[list[str]] | Literal["auto"] = Field(
         default_factory=list,
         description="Groups of model names that share devices, or 'auto'.",

@@ -34,6 +34,7 @@ from flowgraph.compiler.plan import (
     Plan,
     RankStream,
     SyncSpec,
+    format_seconds,
 )
 from flowgraph.compiler.schedule import ScheduleInput, schedule
 from flowgraph.compiler.simulate import Simulation, simulate
@@ -161,6 +162,7 @@ def schedule_streams(ctx: CompileContext) -> None:
             eval_microbatches=math.ceil(ctx.program.eval_samples / gen),
             train_steps=work.train_steps,
             offloaded=frozenset(m for m, s in ctx.specs.items() if s.offload),
+            max_staleness=ctx.config.runtime.max_staleness,
         )
     )
 
@@ -173,6 +175,35 @@ def _sync_bytes(ctx: CompileContext, src: str, dst: str) -> float:
 
 def simulate_streams(ctx: CompileContext) -> None:
     ctx.simulation = simulate(ctx.streams, _durations(ctx), ctx.cluster.world_size)
+
+
+def compare_on_policy(ctx: CompileContext) -> None:
+    """With ``max_staleness`` >= 1, note the estimated gain over on-policy training: the
+    same layout with k = 0, and (under auto placement) the best on-policy layout."""
+    k = ctx.config.runtime.max_staleness
+    if not k:
+        return
+    runtime = ctx.config.runtime.model_copy(update={"max_staleness": 0})
+    on_policy = ctx.config.model_copy(update={"runtime": runtime})
+    same = CompileContext(ctx.program, on_policy, ctx.cluster, ctx.specs, ctx.layout)
+    schedule_streams(same)
+    simulate_streams(same)
+    async_s = ctx.simulation.estimates.episode_s
+    lines = [f"max_staleness={k}: {format_seconds(async_s)} per episode; on-policy "
+             f"(max_staleness=0) on this layout {_versus(same, async_s)}"]  # fmt: skip
+    if ctx.notes and ctx.cluster.world_size > 1:  # auto placement compared layouts
+        best = CompileContext(ctx.program, on_policy, ctx.cluster, ctx.specs)
+        place_models(best)
+        schedule_streams(best)
+        simulate_streams(best)
+        lines.append(f"  best on-policy layout ({best.layout.name}) {_versus(best, async_s)}")
+    ctx.notes = [*ctx.notes, *lines]
+
+
+def _versus(ctx: CompileContext, async_s: float) -> str:
+    seconds = ctx.simulation.estimates.episode_s
+    gain = seconds / async_s if async_s else 1.0
+    return f"{format_seconds(seconds)} (asynchronous {gain:.2f}x)"
 
 
 def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
@@ -224,6 +255,7 @@ PASSES: tuple[Callable[[CompileContext], None], ...] = (
     place_models,
     schedule_streams,
     simulate_streams,
+    compare_on_policy,
 )
 
 
@@ -257,6 +289,7 @@ def compile_plan(program: Program, config: Config, cluster: ClusterSpec) -> Plan
         estimates=ctx.simulation.estimates,
         waves=_waves(ctx),
         notes=ctx.notes,
+        max_staleness=config.runtime.max_staleness,
     )
 
 

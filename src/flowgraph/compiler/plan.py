@@ -306,6 +306,7 @@ class Plan:
     estimates: Estimates
     waves: dict[str, int]  # micro-batch waves per episode: {"env": 4, "eval": 2}
     notes: list[str] = field(default_factory=list)
+    max_staleness: int = 0  # k >= 1: a stream is one iteration, train(e) then env(e+k)
 
     # -- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -354,6 +355,7 @@ class Plan:
             estimates=Estimates(**data["estimates"]),
             waves=data["waves"],
             notes=data["notes"],
+            max_staleness=data.get("max_staleness", 0),
         )
 
     def hash(self) -> str:
@@ -462,10 +464,15 @@ class Plan:
 
     def __str__(self) -> str:
         waves = ", ".join(f"{k} {v}" for k, v in self.waves.items())
+        order = ""
+        if self.max_staleness:
+            k = self.max_staleness
+            order = (f"; one iteration: train episode e | env episode e+{k} with the weights "
+                     "synced after e-1 | sync after e")  # fmt: skip
         return "\n\n".join(
             [
                 f"placement on {self.cluster}:\n{self.placement_table()}",
-                f"schedule (waves per episode: {waves}):\n{self.grid()}",
+                f"schedule (waves per episode: {waves}{order}):\n{self.grid()}",
                 f"estimates:\n{self.estimates_text()}",
             ]
         )

@@ -44,6 +44,7 @@ class ScheduleInput:
     eval_microbatches: int
     train_steps: int
     offloaded: frozenset[str] = frozenset()
+    max_staleness: int = 0
 
 
 class _Builder:
@@ -153,10 +154,19 @@ def _gather(b: _Builder, spec: PhaseSpec, phase: str, waves: int, dst: int) -> N
 
 
 def schedule(inp: ScheduleInput) -> list[RankStream]:
-    """Per-group instruction streams for one episode (streams are in layout order)."""
+    """Per-group instruction streams for one episode (streams are in layout order).
+
+    With ``max_staleness`` k >= 1 a stream is one iteration of the asynchronous loop:
+    ``train`` (episode e) comes before ``env`` (episode e+k, generated with the weights of
+    the sync after e-1), so on disjoint devices the two overlap and meet at the env's
+    ``GATHER``; then ``sync`` (after e) and ``eval``."""
     b = _Builder(inp.layout)
     env, trainer, evaluation = (inp.phases.get(k) for k in ("env", "train", "eval"))
     mesh_size = {m: g.mesh.size for g in inp.layout.groups for m in g.models}
+    if inp.max_staleness:
+        _check_stale_env(env, trainer, inp.max_staleness)
+        if trainer is not None:
+            _graph_phase(b, trainer, "train", inp.train_steps)
     if env is not None and env.nodes:
         env_waves = waves_for(
             [mesh_size[m] for m in env.models()], inp.env_microbatches, "env", exact=True
@@ -165,7 +175,7 @@ def schedule(inp: ScheduleInput) -> list[RankStream]:
         if trainer is not None:  # every trainer rank holds the whole episode's data
             for group in sorted({b.group_of[m] for m in trainer.models()}):
                 _gather(b, env, "env", env_waves, group)
-    if trainer is not None:
+    if trainer is not None and not inp.max_staleness:
         _graph_phase(b, trainer, "train", inp.train_steps)
     for pair in inp.syncs:
         src, dst = b.group_of[pair.src], b.group_of[pair.dst]
@@ -194,6 +204,23 @@ def schedule(inp: ScheduleInput) -> list[RankStream]:
     for stream in b.streams:
         _insert_offload(stream, inp.offloaded)
     return b.streams
+
+
+def _check_stale_env(env: PhaseSpec | None, trainer: PhaseSpec | None, k: int) -> None:
+    """With stale rollouts the env flow may only call inference models: a trained model
+    called there would generate with weights newer than the episode's version."""
+    if env is None or trainer is None:
+        return
+    trained = set(trainer.models())
+    for node in env.nodes:
+        if node.model in trained:
+            raise PlanError(
+                f"runtime.max_staleness={k} generates with weights synced {k} episode(s) "
+                f"ago, but the env flow calls the trained model {node.model!r} "
+                f"({node.source or node.call_text()}): call an inference copy there and "
+                f"keep it up to date with set_parameter_sync({node.model}, <copy>), or set "
+                "runtime.max_staleness=0"
+            )
 
 
 def _insert_offload(stream: RankStream, offloaded: frozenset[str]) -> None:

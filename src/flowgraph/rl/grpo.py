@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from flowgraph.rl.ppo import kl_penalty, masked_mean
+from flowgraph.rl.ppo import TIS_CAP, kl_penalty, masked_mean, off_policy_correction
 
 
 def group_advantages(
@@ -43,18 +43,25 @@ def grpo_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
     beta: float = 0.04,
+    staleness: torch.Tensor | None = None,
+    tis_cap: float = TIS_CAP,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per token: clipped surrogate with the row's advantage ``[B]`` plus ``beta`` times the
     k3 estimate of KL(policy || reference); averaged over each row's tokens, then rows.
-    Without a reference (``ref_logprobs`` None, which needs ``beta`` 0) there is no KL term."""
+    Without a reference (``ref_logprobs`` None, which needs ``beta`` 0) there is no KL term.
+    Rows with a ``staleness`` above 0 get the truncated importance weights of
+    ``flowgraph.rl.ppo.off_policy_correction`` (``old_logprobs``: the behaviour policy)."""
     if ref_logprobs is None and beta:
         raise ValueError(
             f"GRPO with beta={beta} needs ref_logprobs: call reference.forward_step in the "
             "env flow, or set beta: 0 in the trainer's args to train without a reference"
         )
-    ratio = (logprobs - old_logprobs).exp()
+    proximal, weights, off_policy = off_policy_correction(
+        logprobs, old_logprobs, staleness, mask, tis_cap
+    )
+    ratio = (logprobs - proximal).exp()
     adv = advantages[:, None]
-    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv) * weights
     if ref_logprobs is None:
         kl = torch.zeros_like(logprobs)
         per_token = -surrogate
@@ -66,5 +73,6 @@ def grpo_loss(
         stats = {
             "kl": masked_mean(kl, mask).item(),
             "clip_frac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
+            **off_policy,
         }
     return loss, stats

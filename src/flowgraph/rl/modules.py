@@ -23,6 +23,7 @@ arg                 meaning                                                     
 ``clip``            PPO/GRPO ratio clip (value clip for the value trainer)      0.2
 ``entropy_coef``    entropy bonus of the PPO policy trainer                     0.0
 ``beta``            GRPO's KL coefficient                                       0.04
+``tis_cap``         cap of the importance weight of stale rows (``max_staleness``) 2.0
 ``max_grad_norm``   gradient clipping of a trainer                              1.0
 ==================  ==========================================================  =========
 
@@ -33,7 +34,8 @@ each prompt ``runtime.num_inference_per_prompt`` times (GRPO's groups).
 Batch keys: ``prompt`` (text) in; the policy adds ``sequences``, ``attention_mask``,
 ``response_mask``, ``old_logprobs``, ``answer`` (text); the reference ``ref_logprobs``;
 the value model ``old_values``; the reward ``score``, ``kl``, ``advantages`` (and
-``returns`` for PPO).
+``returns`` for PPO). The runtime adds ``weight_version`` and ``staleness`` to the rows
+trainers receive; the trainers weight stale rows (``off_policy_correction``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from flowgraph.rl import hf
 from flowgraph.rl.gpt import GPTConfig, TinyGPT, ValueGPT
 from flowgraph.rl.grpo import group_advantages, grpo_loss
 from flowgraph.rl.ppo import (
+    TIS_CAP,
     entropy,
     gae,
     kl_penalty,
@@ -317,7 +320,8 @@ class PolicyTrainer(GPTModule):
                 logprobs = token_logprobs(logits, mb["sequences"], p)
                 loss, info = policy_loss(
                     logprobs, mb["old_logprobs"], advantages, mb["response_mask"],
-                    float(self.arg("clip", 0.2)),
+                    float(self.arg("clip", 0.2)), mb.get("staleness"),
+                    float(self.arg("tis_cap", TIS_CAP)),
                 )  # fmt: skip
                 coef = float(self.arg("entropy_coef", 0.0))
                 with torch.set_grad_enabled(coef > 0):  # no backward through it when unused
@@ -386,7 +390,8 @@ class GRPOTrainer(GPTModule):
                 loss, info = grpo_loss(
                     logprobs, mb["old_logprobs"], mb.get("ref_logprobs"), mb["advantages"],
                     mb["response_mask"], float(self.arg("clip", 0.2)),
-                    float(self.arg("beta", 0.04)),
+                    float(self.arg("beta", 0.04)), mb.get("staleness"),
+                    float(self.arg("tis_cap", TIS_CAP)),
                 )  # fmt: skip
                 (loss * weight).backward()
             stats.append({**info, "loss": loss.item()})

@@ -9,6 +9,9 @@ Layout of ``runtime.checkpoint_dir``::
                                rank of its mesh), or deepspeed_<name>/ (DeepSpeed's own
                                per-rank format)
       rng_rank<r>.pt           Python, NumPy, torch and CUDA RNG states of rank r
+      in_flight.pt             with runtime.max_staleness >= 1: the env outputs of the
+                               episodes generated but not yet trained (by the first
+                               trainer rank; every trainer rank holds all of them)
     latest                     the name of the newest finished checkpoint
 
 A checkpoint is written into ``episode_000004.tmp/``: every file fsynced, then

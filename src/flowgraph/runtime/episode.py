@@ -17,10 +17,12 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import torch
 
 from flowgraph.config import RuntimeConfig
-from flowgraph.data import Batch, Dataset, StreamDataset, collate, split
+from flowgraph.data import Batch, Dataset, StreamDataset, batch_size, collate, split
 
 
 def micro_batches(samples: Sequence[dict], size: int) -> list[Batch]:
@@ -35,6 +37,34 @@ def env_micro_batches(dataset: Dataset, runtime: RuntimeConfig, episode: int) ->
 
 def eval_micro_batches(dataset: Dataset, runtime: RuntimeConfig) -> list[Batch]:
     return micro_batches(dataset.samples, runtime.generation_batch_size)
+
+
+def weight_version(episode: int, staleness: int, sync_frequencies: Sequence[int]) -> int:
+    """The trained weights that generate ``episode`` with ``runtime.max_staleness``
+    ``staleness`` (k): those of the last sync due at or before episode ``episode - 1 - k``
+    (0: the initial weights), the oldest over the pairs' ``sync_frequency``. A function of
+    the episode number only, so every run and every placement agrees.
+
+    >>> [weight_version(e, 1, [1]) for e in range(1, 6)]
+    [0, 0, 1, 2, 3]
+    >>> [weight_version(e, 0, [2]) for e in range(1, 6)]
+    [0, 0, 2, 2, 4]
+    """
+    latest = episode - 1 - staleness
+    return min(
+        (max((u for u in range(latest, 0, -1) if u % f == 0), default=0)
+         for f in sync_frequencies),
+        default=0,
+    )  # fmt: skip
+
+
+def with_columns(batch: Batch, columns: Mapping[str, int]) -> Batch:
+    """``batch`` with one int64 column per ``columns`` entry, every row holding its value
+    (e.g. ``weight_version``: the trained weights that generated the rows)."""
+    if not columns:
+        return batch
+    rows = batch_size(batch)
+    return {**batch, **{key: torch.full((rows,), value) for key, value in columns.items()}}
 
 
 def training_steps(

@@ -30,7 +30,7 @@ from flowgraph.compiler.plan import Instruction, PhaseSpec, Plan
 from flowgraph.data import Batch
 from flowgraph.precision import compute_context
 from flowgraph.runtime.comm import Communicator
-from flowgraph.runtime.episode import training_steps
+from flowgraph.runtime.episode import training_steps, with_columns
 from flowgraph.runtime.job import Job
 from flowgraph.runtime.kernels import Kernels
 from flowgraph.runtime.offload import Offload
@@ -78,6 +78,7 @@ class Episode:
     timer: StageTimer = field(default_factory=StageTimer)
     metrics: MetricAverager = field(default_factory=MetricAverager)
     steps: list[list[Batch]] | None = None  # the train phase's global steps, when cut
+    columns: dict[str, int] = field(default_factory=dict)  # per-row facts added for training
 
     def returned(self, phase: str) -> list[Batch]:
         """The returned value of every micro-batch of ``phase``, in order (where gathered)."""
@@ -197,6 +198,7 @@ class Interpreter:
             data = self.episode.returned("env") if "env" in self.plan.phases else None
             if data is None:
                 data = self.episode.inputs["env"]
+            data = [with_columns(mb, self.episode.columns) for mb in data]
             self.episode.steps = training_steps(data, self.runtime, self.episode.number)
         return self.episode.steps
 

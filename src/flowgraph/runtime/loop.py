@@ -16,27 +16,43 @@ Example::
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from flowgraph.compiler.plan import Plan
-from flowgraph.data import batch_size
+from flowgraph.data import Batch, batch_size
 from flowgraph.precision import cast_inference_model
 from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.comm import Communicator
-from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches
+from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, weight_version
 from flowgraph.runtime.interpreter import Episode, Hosted, Interpreter
 from flowgraph.runtime.job import Job
 from flowgraph.runtime.offload import Offload
 from flowgraph.runtime.resume import RunCheckpoints
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import CrossSync, SyncPlan
-from flowgraph.runtime.telemetry import EpisodeRecord, Reporter
+from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, Reporter, StageTimer
 from flowgraph.runtime.timeline import Timeline, write_trace
 
-PHASES = ("env", "train", "sync", "eval")
+
+@dataclass
+class Iteration:
+    """What one turn of the loop measures: stage times, training metrics, wall time."""
+
+    timer: StageTimer = field(default_factory=StageTimer)
+    metrics: MetricAverager = field(default_factory=MetricAverager)
+    started: float = field(default_factory=time.perf_counter)
+
+    def record(self, episode: int, num_episode: int) -> EpisodeRecord:
+        record = EpisodeRecord(episode, num_episode, samples=0,
+                               wall=time.perf_counter() - self.started)  # fmt: skip
+        record.stages.update(self.timer.seconds)
+        record.metrics.update(self.metrics.means())
+        return record
 
 
 class EpisodeLoop:
@@ -48,6 +64,8 @@ class EpisodeLoop:
         self.runtime = job.config.runtime
         self.rank = comm.rank
         self.mesh = {p.model: p.ranks for p in plan.placement}
+        self.staleness = self.runtime.max_staleness if "env" in plan.phases else 0
+        self.in_flight: dict[int, Episode] = {}  # generated, not yet trained (<= k + 1)
         self.hosted = Hosted(device_type=comm.device.type)
         self.precisions = job.precisions(comm.device.type)
         self.timeline = Timeline(self.rank, self.runtime.trace)
@@ -72,6 +90,16 @@ class EpisodeLoop:
             episode == 0 or bool(interval and episode % interval == 0)
         )
 
+    def rollout_columns(self, episode: int) -> dict[str, int]:
+        """What the training rows of ``episode`` carry: ``weight_version``, the trained
+        weights that generated them, and ``staleness``, how many episodes older they are
+        than the trainer that learns from them (none without parameter syncs)."""
+        if not self.plan.syncs:
+            return {}
+        frequencies = [self.job.config.model(s.dst).sync_frequency for s in self.plan.syncs]
+        version = weight_version(episode, self.staleness, frequencies)
+        return {"weight_version": version, "staleness": episode - 1 - version}
+
     # -- the run -------------------------------------------------------------------------
     def run(self) -> list[EpisodeRecord]:
         self.setup()
@@ -79,13 +107,14 @@ class EpisodeLoop:
         start, history = self.checkpoints.restore(trainable=True)
         self.interpreter.run_phase("sync", self._new_episode(0, ()))  # inference from trainers
         self.checkpoints.restore(trainable=False)
+        self.in_flight = self._restored_rollouts(self.checkpoints.restore_in_flight())
         if self.rank == 0:
             self.history = history
             self.reporter.restore(history)
         if start == 0 and "eval" in self.plan.phases and self.runtime.enable_eval_before_training:
-            self._finish(self._episode(0, phases=("eval",)))
+            self._finish(self._evaluation(0))
         for episode in range(start + 1, self.runtime.num_episode + 1):
-            self._finish(self._episode(episode))
+            self._finish(self._iteration(episode))
         self._teardown()
         if self.runtime.trace:
             parts = self.comm.all_gather_objects(self.timeline.events)
@@ -102,44 +131,94 @@ class EpisodeLoop:
             inputs["eval"] = eval_micro_batches(self.job.eval_dataset, self.runtime)
         return Episode(episode, inputs, self.due_syncs(episode))
 
-    def _episode(self, episode: int, phases: tuple[str, ...] = PHASES) -> EpisodeRecord:
-        phases = tuple(
-            p for p in phases
-            if (p in self.plan.phases or p == "sync") and (p != "eval" or self.eval_due(episode))
-        )  # fmt: skip
-        data = self._new_episode(episode, phases)
-        for phase in phases:
-            if phase == "sync" and not data.syncs:
-                continue
-            with data.timer.stage(phase):
-                self.interpreter.run_phase(phase, data)
-        record = EpisodeRecord(episode, self.runtime.num_episode, samples=0)
-        if "env" in data.inputs:
-            record.samples = sum(batch_size(mb) for mb in data.inputs["env"])
-        record.stages.update(data.timer.seconds)
-        record.metrics.update(data.metrics.means())
-        if "eval" in phases and self.rank == 0:
-            metrics = self.job.post_process(data.returned("eval")) or {}
-            record.metrics.update({f"eval/{k}": v for k, v in metrics.items()})
+    def _rollout(self, episode: int, iteration: Iteration) -> Episode:
+        """The env phase of ``episode`` (timed in ``iteration``, the one it runs in)."""
+        data = self._new_episode(episode, ("env",))
+        data.timer = iteration.timer
+        data.columns = self.rollout_columns(episode)
+        if "env" in self.plan.phases:
+            with iteration.timer.stage("env"):
+                self.interpreter.run_phase("env", data)
+        return data
+
+    def _iteration(self, episode: int) -> EpisodeRecord:
+        """Train ``episode``, generate episode ``episode + k`` (before training when k is
+        0: on-policy), sync, evaluate when due. With k >= 1 the first iteration also
+        generates the episodes up to ``episode + k - 1`` that no checkpoint held."""
+        iteration = Iteration()
+        last = self.runtime.num_episode
+        k = self.staleness
+        for ahead in range(episode, min(episode + k, last + 1)):
+            if ahead not in self.in_flight:
+                self.in_flight[ahead] = self._rollout(ahead, iteration)
+        if not k:
+            self.in_flight[episode] = self._rollout(episode, iteration)
+        data = self.in_flight.pop(episode)
+        data.timer, data.metrics = iteration.timer, iteration.metrics
+        if "train" in self.plan.phases:
+            with iteration.timer.stage("train"):
+                self.interpreter.run_phase("train", data)
+        if k and episode + k <= last:
+            self.in_flight[episode + k] = self._rollout(episode + k, iteration)
+        if data.syncs:
+            with iteration.timer.stage("sync"):
+                self.interpreter.run_phase("sync", data)
+        evaluated = self._evaluate(episode, iteration) if self.eval_due(episode) else {}
+        record = iteration.record(episode, self.runtime.num_episode)
+        record.samples = sum(batch_size(mb) for mb in data.inputs["env"])
+        record.metrics.update({f"rollout/{key}": n for key, n in data.columns.items()})
+        record.metrics.update(evaluated)
         return record
+
+    def _evaluation(self, episode: int) -> EpisodeRecord:
+        """The record of an evaluation on its own (before training)."""
+        iteration = Iteration()
+        evaluated = self._evaluate(episode, iteration)
+        record = iteration.record(episode, self.runtime.num_episode)
+        record.metrics.update(evaluated)
+        return record
+
+    def _evaluate(self, episode: int, iteration: Iteration) -> dict[str, float]:
+        """Run the eval phase; ``post_process``'s metrics as ``eval/<key>`` (rank 0)."""
+        data = self._new_episode(episode, ("eval",))
+        data.timer = iteration.timer
+        with iteration.timer.stage("eval"):
+            self.interpreter.run_phase("eval", data)
+        if self.rank != 0:
+            return {}
+        metrics = self.job.post_process(data.returned("eval")) or {}
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def _restored_rollouts(self, outputs: dict[int, dict[int, Batch]]) -> dict[int, Episode]:
+        """The generated but untrained episodes a checkpoint held, as episodes again (the
+        prompts are a function of the episode; the outputs were saved)."""
+        restored = {}
+        for episode, gathered in outputs.items():
+            data = self._new_episode(episode, ("env",))
+            data.outputs["env"] = gathered
+            data.columns = self.rollout_columns(episode)
+            restored[episode] = data
+        return restored
 
     def _finish(self, record: EpisodeRecord) -> None:
         """Merge the ranks' stage times (slowest rank) and metrics (mean) into rank 0's
         record, checkpoint when due (every rank), then report it (rank 0)."""
-        parts = self.comm.all_gather_objects((record.stages, record.metrics))
+        parts = self.comm.all_gather_objects((record.stages, record.metrics, record.wall))
         stages: dict[str, float] = {}
         sums: dict[str, list[float]] = defaultdict(list)
-        for rank_stages, rank_metrics in parts:
+        for rank_stages, rank_metrics, _ in parts:
             for key, seconds in rank_stages.items():
                 stages[key] = max(stages.get(key, 0.0), seconds)
             for key, value in rank_metrics.items():
                 if not key.startswith("eval/"):
                     sums[key].append(value)
         record.stages = stages
+        record.wall = max(wall for _, _, wall in parts)
         record.metrics.update({k: sum(v) / len(v) for k, v in sums.items()})
         if record.episode > 0 and self.checkpoints.due(record.episode):
             synced = {dst for _, dst in self.due_syncs(record.episode)}
-            self.checkpoints.save(record, self.history, synced)
+            in_flight = {e: d.outputs.get("env", {}) for e, d in self.in_flight.items()}
+            self.checkpoints.save(record, self.history, synced, in_flight)
         if self.rank == 0:
             self.history.append(record)
             self.reporter.report(record)

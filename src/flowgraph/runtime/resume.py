@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from flowgraph.compiler.plan import Plan
+from flowgraph.data import Batch
 from flowgraph.module import BaseModule, DeepSpeedModule
 from flowgraph.runtime.checkpoint import (
     Checkpoint,
@@ -33,6 +34,7 @@ from flowgraph.runtime.rng import rng_state, set_rng_state
 from flowgraph.runtime.telemetry import EpisodeRecord
 
 log = logging.getLogger("flowgraph")
+IN_FLIGHT = "in_flight.pt"  # env outputs of the generated, untrained episodes
 
 
 def flow_fingerprint(plan: Plan) -> str:
@@ -84,6 +86,10 @@ class RunCheckpoints:
                 runtime.checkpoint_dir, runtime.max_checkpoints, self.rank, self.world_size,
                 comm.barrier, runtime.checkpoint_checksums,
             )  # fmt: skip
+        self.trainer_ranks = sorted({r for p in plan.placement if p.role == "trainer"
+                                     for r in p.ranks})  # fmt: skip
+        # every trainer rank holds the whole env output: the first one writes what is in flight
+        self.in_flight_writer = self.trainer_ranks[0] if self.trainer_ranks else 0
         self.fingerprint = flow_fingerprint(plan)
         self.precisions = job.precisions(comm.device.type)
         self.resumed: Checkpoint | None = None
@@ -113,14 +119,20 @@ class RunCheckpoints:
                 "optimizer_steps": episode * steps if self.trains else 0}  # fmt: skip
 
     def save(
-        self, record: EpisodeRecord, history: list[EpisodeRecord], synced: Collection[str]
+        self,
+        record: EpisodeRecord,
+        history: list[EpisodeRecord],
+        synced: Collection[str],
+        in_flight: Mapping[int, Mapping[int, Batch]] | None = None,
     ) -> Path:
         """Checkpoint after ``record``'s episode (``history``: the records before it;
-        ``synced``: the models its sync wrote into); the time it takes goes into the
-        record's ``checkpoint`` stage."""
+        ``synced``: the models its sync wrote into; ``in_flight``: the env outputs of the
+        episodes generated but not yet trained, by episode, as this rank holds them);
+        the time it takes goes into the record's ``checkpoint`` stage."""
         start = time.perf_counter()
         episode = record.episode
         names = self.saved_models(synced)
+        in_flight = dict(in_flight or {})
 
         def write_files(directory: Path) -> None:
             for name in names:
@@ -133,6 +145,8 @@ class RunCheckpoints:
                 elif self.rank == self.mesh[name][0]:
                     save_object(module.checkpoint_state(), directory / f"model_{name}.pt")
             save_object(rng_state(), directory / f"rng_rank{self.rank}.pt")
+            if in_flight and self.rank == self.in_flight_writer:
+                save_object(in_flight, directory / IN_FLIGHT)
 
         meta = {
             "fingerprint": self.fingerprint,
@@ -142,6 +156,7 @@ class RunCheckpoints:
             "data": self.position(episode),
             "config": self.job.config.model_dump(mode="json"),
             "history": [r.to_json() for r in [*history, record]],
+            "in_flight": sorted(in_flight),
         }
         path = self.store.save(episode, write_files, meta)
         record.stages["checkpoint"] = time.perf_counter() - start
@@ -171,10 +186,27 @@ class RunCheckpoints:
             module = self.job.modules[name]
             if self.hosted(name) and not _per_rank(module):
                 states[name] = checkpoint.load(f"model_{name}.pt")
+        if IN_FLIGHT in checkpoint.meta["files"] and self.rank in self.trainer_ranks:
+            states["in_flight"] = checkpoint.load(IN_FLIGHT)
         own = f"rng_rank{self.rank}.pt"
         if own in checkpoint.meta["files"]:
             states["rng"] = checkpoint.load(own)
         return states
+
+    def restore_in_flight(self) -> dict[int, dict[int, Batch]]:
+        """The generated but untrained episodes of the resumed checkpoint: their env
+        outputs on the ranks that train on them, ``{}`` on the others (every rank learns
+        which episodes not to generate again). Nothing when the checkpoint was written
+        with another ``runtime.max_staleness`` (those episodes are generated afresh)."""
+        checkpoint = self.resumed
+        if checkpoint is None or not checkpoint.meta.get("in_flight"):
+            return {}
+        saved_k = checkpoint.meta["config"]["runtime"].get("max_staleness", 0)
+        if saved_k != self.job.config.runtime.max_staleness:
+            return {}
+        episodes = [int(e) for e in checkpoint.meta["in_flight"]]
+        outputs = self.states.pop("in_flight", {})
+        return {e: outputs.get(e, {}) for e in episodes}
 
     def restore(self, trainable: bool) -> tuple[int, list[EpisodeRecord]]:
         """Load the resumed checkpoint's trainable (or inference) models hosted here;

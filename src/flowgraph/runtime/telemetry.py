@@ -87,9 +87,14 @@ class EpisodeRecord:
     samples: int
     stages: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0  # the iteration's wall-clock seconds (stages may overlap across ranks)
 
     @property
     def seconds(self) -> float:
+        """The episode's seconds: its wall-clock time (and its checkpoint) when measured,
+        else the sum of its stages."""
+        if self.wall:
+            return self.wall + self.stages.get("checkpoint", 0.0)
         return sum(v for k, v in self.stages.items() if "/" not in k)
 
     def __str__(self) -> str:
@@ -117,14 +122,15 @@ class EpisodeRecord:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], num_episode: int) -> EpisodeRecord:
         """The record that ``to_json`` wrote (as a checkpoint keeps it)."""
-        return cls(data["episode"], num_episode, data["samples"],
-                   dict(data["stages"]), dict(data["metrics"]))  # fmt: skip
+        return cls(data["episode"], num_episode, data["samples"], dict(data["stages"]),
+                   dict(data["metrics"]), data.get("wall", 0.0))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {
             "episode": self.episode,
             "samples": self.samples,
             "seconds": self.seconds,
+            "wall": self.wall,
             "stages": self.stages,
             "metrics": self.metrics,
         }

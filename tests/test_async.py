@@ -1,0 +1,200 @@
+"""Asynchronous rollout (``runtime.max_staleness``): which weights generate which episode
+is a function of the episode number, so runs repeat exactly, one process equals two
+ranks, and a killed run resumes to the uninterrupted numbers."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowgraph.compiler.cluster import ClusterSpec
+from flowgraph.config import load_config
+from flowgraph.errors import PlanError
+from flowgraph.runtime.checkpoint import CheckpointStore
+from flowgraph.runtime.episode import weight_version
+from spmd import hosted_parameters, records, run_job
+
+MODELS = ["policy", "reference", "value", "reward", "ppo_policy", "ppo_value"]
+RUNTIME = {
+    "num_episode": 4,
+    "sample_per_episode": 16,
+    "generation_batch_size": 4,
+    "train_micro_batch_size": 2,
+    "train_global_batch_size": 8,
+    "eval_episode_interval": 2,
+    "log_episodes": False,
+    "progress": False,
+    "max_staleness": 1,
+}
+INFERENCE = ["policy", "reference", "value", "reward"]
+SPLIT_2 = {  # inference on rank 0, both trainers on rank 1: env(e+1) overlaps train(e)
+    "runtime": {**RUNTIME, "colocation": [INFERENCE, ["ppo_policy", "ppo_value"]]},
+    "models": {m: {"num_gpu": 1} for m in MODELS},
+}
+KILL_JOB = Path(__file__).parent / "kill_job.py"
+
+
+def one_process(**runtime) -> dict:
+    return {"runtime": {**RUNTIME, **runtime}}
+
+
+def run_ok(out: Path, config: dict, nproc: int, **kwargs) -> Path:
+    result = run_job(out, config, nproc=nproc, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    """Bit for bit: the same metrics in every record and the same weights."""
+    assert [r["metrics"] for r in records(a)] == [r["metrics"] for r in records(b)]
+    ours, theirs = hosted_parameters(a), hosted_parameters(b)
+    assert set(ours) == set(theirs) == set(MODELS)
+    for model in MODELS:
+        for name, tensor in theirs[model].items():
+            assert torch.equal(ours[model][name], tensor), f"{model}.{name}"
+
+
+def versions(out: Path) -> list[int]:
+    return [r["metrics"]["rollout/weight_version"] for r in records(out) if r["episode"] > 0]
+
+
+def test_the_weights_of_each_episode_follow_the_staleness_and_the_sync_frequency():
+    assert [weight_version(e, 0, [1]) for e in range(1, 6)] == [0, 1, 2, 3, 4]
+    assert [weight_version(e, 1, [1]) for e in range(1, 6)] == [0, 0, 1, 2, 3]
+    assert [weight_version(e, 2, [1]) for e in range(1, 6)] == [0, 0, 0, 1, 2]
+    assert [weight_version(e, 1, [2]) for e in range(1, 7)] == [0, 0, 0, 2, 2, 4]
+    assert [weight_version(e, 1, [1, 3]) for e in range(1, 7)] == [0, 0, 0, 0, 3, 3]
+    assert weight_version(3, 1, []) == 0
+
+
+@pytest.fixture(scope="module")
+def stale_runs(tmp_path_factory):
+    """k = 1 in one process (twice) and on two ranks split (twice), k = 0 once."""
+    made = {}
+    for name, config, nproc in [("one", one_process(), 1), ("one-again", one_process(), 1),
+                                ("split", SPLIT_2, 2), ("split-again", SPLIT_2, 2),
+                                ("on-policy", one_process(max_staleness=0), 1)]:  # fmt: skip
+        made[name] = run_ok(tmp_path_factory.mktemp(name), config, nproc)
+    return made
+
+
+@pytest.mark.slow
+def test_two_runs_with_staleness_are_identical_in_one_process_and_on_two_ranks(stale_runs):
+    assert_identical(stale_runs["one"], stale_runs["one-again"])
+    assert_identical(stale_runs["split"], stale_runs["split-again"])
+
+
+@pytest.mark.slow
+def test_two_ranks_with_staleness_give_the_numbers_of_one_process(stale_runs):
+    one, split = stale_runs["one"], stale_runs["split"]
+    expected, got = hosted_parameters(one), hosted_parameters(split)
+    for model in MODELS:
+        for name, tensor in expected[model].items():
+            torch.testing.assert_close(got[model][name], tensor, rtol=1e-5, atol=1e-6,
+                                       msg=f"{model}.{name}")  # fmt: skip
+    # The last sync leaves the inference copies equal to their trainers.
+    torch.testing.assert_close(got["policy"]["weight"], got["ppo_policy"]["weight"])
+    for a, b in zip(records(one), records(split), strict=True):
+        assert a["metrics"].keys() == b["metrics"].keys()
+        for key, value in a["metrics"].items():
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_staleness_one_generates_from_older_weights_than_on_policy(stale_runs):
+    stale, fresh = stale_runs["one"], stale_runs["on-policy"]
+    assert versions(stale) == [0, 0, 1, 2]  # episode e generates with the weights after e-2
+    assert versions(fresh) == [0, 1, 2, 3]
+    staleness = [r["metrics"]["rollout/staleness"] for r in records(stale)]
+    assert staleness == [0, 1, 1, 1]
+    first_stale, first_fresh = records(stale)[0]["metrics"], records(fresh)[0]["metrics"]
+    # Episode 1 is generated by the initial weights either way; episode 2 is not.
+    for key in ("ppo_policy/loss", "ppo_value/loss"):
+        assert first_stale[key] == first_fresh[key], key
+        assert records(stale)[1]["metrics"][key] != records(fresh)[1]["metrics"][key], key
+    differs = hosted_parameters(stale)["ppo_policy"]["weight"]
+    assert not torch.equal(differs, hosted_parameters(fresh)["ppo_policy"]["weight"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stale-uninterrupted")
+    return run_ok(out, checkpointed(out), nproc=2, script=KILL_JOB)
+
+
+def checkpointed(out: Path, **runtime) -> dict:
+    return {**SPLIT_2, "runtime": {**SPLIT_2["runtime"], "save_episode_interval": 1,
+                                   "checkpoint_dir": str(out / "ckpt"), **runtime}}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_checkpoint_keeps_the_generated_untrained_episode(uninterrupted):
+    store = CheckpointStore(uninterrupted / "ckpt", keep=3)
+    newest = next(iter(store.candidates()))
+    assert newest.meta["in_flight"] == []  # after the last episode nothing is ahead
+    older = [c for c in store.candidates() if c.episode < 4]
+    assert older and all(c.meta["in_flight"] == [c.episode + 1] for c in older)
+    ahead = older[0].load("in_flight.pt")
+    assert list(ahead) == [older[0].episode + 1]
+    assert sum(len(mb["x"]) for mb in ahead[older[0].episode + 1].values()) == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank, at", [(0, 70), (1, 18)])
+def test_a_killed_stale_run_resumes_to_the_uninterrupted_numbers(tmp_path, uninterrupted, rank,
+                                                                 at):  # fmt: skip
+    fault = {"FLOWGRAPH_TEST_KILL_RANK": str(rank), "FLOWGRAPH_TEST_KILL_AT": str(at)}
+    result = run_job(tmp_path, checkpointed(tmp_path, timeout_s=20), nproc=2, script=KILL_JOB,
+                     env=fault, torchrun_args=("--max-restarts", "1"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = (tmp_path / "killed.txt").read_text()  # written just before the SIGKILL
+    assert int(killed.split("(episode ")[1].rstrip(")")) >= 3, killed
+    # A checkpoint with the next episode generated but not trained: resumed with it.
+    assert f"resuming from checkpoint {tmp_path / 'ckpt'}/episode_" in result.stdout
+    assert_identical(tmp_path, uninterrupted)
+    trainers = torch.load(tmp_path / "trainers.pt", weights_only=True)
+    expected = torch.load(uninterrupted / "trainers.pt", weights_only=True)
+    for model, state in expected.items():
+        for name, tensor in state["model"].items():
+            assert torch.equal(trainers[model]["model"][name], tensor), f"{model}.{name}"
+
+
+def test_an_env_flow_that_calls_a_trained_model_cannot_run_stale():
+    import spmd_job  # the seed's RLHF flows
+    from flowgraph import Engine, Environment, Trainer
+
+    def env_flow(batch):
+        return spmd_job.ppo_policy.forward_step(batch)
+
+    def trainer_flow(batch):
+        spmd_job.ppo_policy.train_step(batch)
+
+    engine = Engine(Environment(env_flow), Trainer(trainer_flow))
+    config = load_config(one_process())
+    with pytest.raises(PlanError, match=r"max_staleness=1 .* trained model 'ppo_policy' "
+                                        r"\(test_async.py:\d+\).*set_parameter_sync"):  # fmt: skip
+        engine.compile(ClusterSpec.cpu(1), config)
+    engine.compile(ClusterSpec.cpu(1), load_config(one_process(max_staleness=0)))
+
+
+def test_the_plan_overlaps_generation_with_training_on_split_devices():
+    import spmd_job
+
+    stale = spmd_job.engine.compile(ClusterSpec.cpu(2), load_config(SPLIT_2))
+    runtime = {**SPLIT_2["runtime"], "max_staleness": 0}
+    fresh = spmd_job.engine.compile(
+        ClusterSpec.cpu(2), load_config({**SPLIT_2, "runtime": runtime})
+    )
+    assert stale.estimates.episode_s < fresh.estimates.episode_s
+    # The first logical step has the trainers' first TRAIN beside the policy's first RUN.
+    first = [
+        ins
+        for stream, steps in zip(stale.streams, stale.steps, strict=True)
+        for ins, step in zip(stream.instructions, steps, strict=True)
+        if step == 1
+    ]
+    assert {ins.op for ins in first} == {"RUN", "TRAIN"}
+    assert "env+train" in stale.grid()
+    text = str(stale)
+    assert "one iteration: train episode e | env episode e+1" in text
+    assert "max_staleness=1: " in text and "on-policy (max_staleness=0) on this layout" in text
