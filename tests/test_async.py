@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import flowgraph
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.config import load_config
 from flowgraph.errors import PlanError
@@ -157,6 +158,33 @@ def test_a_killed_stale_run_resumes_to_the_uninterrupted_numbers(tmp_path, unint
     for model, state in expected.items():
         for name, tensor in state["model"].items():
             assert torch.equal(trainers[model]["model"][name], tensor), f"{model}.{name}"
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_at_most_k_plus_one_episodes_of_rollout_data_are_held(monkeypatch, k):
+    import spmd_job
+    from flowgraph.runtime.loop import EpisodeLoop
+
+    held, rollout = [], EpisodeLoop._rollout
+
+    def counted(self, episode, iteration):
+        # Waiting episodes, this one, and (after the pop) the episode being trained.
+        training = 1 if k and episode == self._training + k else 0
+        held.append(len(self.in_flight) + 1 + training)
+        return rollout(self, episode, iteration)
+
+    iteration = EpisodeLoop._iteration
+
+    def tracked(self, episode):
+        self._training = episode
+        return iteration(self, episode)
+
+    monkeypatch.setattr(EpisodeLoop, "_rollout", counted)
+    monkeypatch.setattr(EpisodeLoop, "_iteration", tracked)
+    flowgraph.init(one_process(max_staleness=k, num_episode=6, eval_episode_interval=0))
+    records = spmd_job.engine.learn()
+    assert [r.metrics["rollout/staleness"] for r in records] == [min(e - 1, k) for e in range(1, 7)]
+    assert len(held) == 6 and max(held) == k + 1
 
 
 def test_an_env_flow_that_calls_a_trained_model_cannot_run_stale():

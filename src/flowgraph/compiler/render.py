@@ -92,7 +92,11 @@ def draw_gantt(plan: Plan, path: str) -> None:
     ax.set_yticks(range(len(plan.streams)), [s.name for s in plan.streams])
     ax.invert_yaxis()
     ax.set_xlabel("estimated seconds")
-    ax.set_title(f"flowgraph schedule on {plan.cluster.world_size} devices")
+    title = f"flowgraph schedule on {plan.cluster.world_size} devices"
+    if plan.max_staleness:
+        k = plan.max_staleness
+        title += f" (max_staleness={k}: one iteration, train e | env e+{k})"
+    ax.set_title(title)
     handles = [Patch(color=c, label=m) for m, c in colors.items()]
     handles.append(Patch(color=COMMUNICATION_COLOR, label="communication"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
