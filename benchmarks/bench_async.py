@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from common import report  # noqa: E402
 from seed_rlhf import build_engine, make_modules  # noqa: E402
 
 from flowgraph import DeepSpeedModule  # noqa: E402
@@ -161,19 +162,32 @@ def estimates() -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(rounds: int = 3, steps: int = 10, measure: bool = True) -> list[dict]:
+    """Both parts; the result lines ``make bench`` collects."""
+    start = time.perf_counter()
+    results = []
+    for row in estimates():
+        name = f"async estimate 7B/64 GPUs {row['responses']} k={row['k']}"
+        results.append(report(name, row["episode_s"], "s"))
+    if measure:
+        rows = {row["variant"]: row for row in measured(rounds, steps)}
+        results += [
+            report("async split k=1 vs split k=0", rows["split k=1"]["vs_split_k0"], "x",
+                   "target >= 1.4"),
+            report("async auto k=1 vs colocated k=0", rows["auto k=1"]["vs_colocated_k0"], "x",
+                   "target >= 1.0"),
+        ]  # fmt: skip
+        first = reward_passes()
+        results.append(report("async k=1 first episode with reward > 0.9", first or -1, "episode",
+                              "target <= 40"))  # fmt: skip
+    print(f"({time.perf_counter() - start:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--estimates", action="store_true", help="the estimates only")
     args = parser.parse_args()
-    start = time.perf_counter()
-    estimates()
-    if not args.estimates:
-        measured(args.rounds, args.steps)
-        reward_passes()
-    print(f"({time.perf_counter() - start:.0f} s)")
-
-
-if __name__ == "__main__":
-    main()
+    main(args.rounds, args.steps, measure=not args.estimates)

@@ -14,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+import bench_async  # noqa: E402
 import bench_checkpoint  # noqa: E402
 import bench_compile  # noqa: E402
 import bench_gather  # noqa: E402
@@ -45,6 +46,7 @@ def main() -> None:
         + bench_rl.main()
         + bench_grpo.main()
         + bench_checkpoint.main()
+        + bench_async.main()
     )
     out = HERE / "out"
     out.mkdir(exist_ok=True)
