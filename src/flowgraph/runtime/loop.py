@@ -7,7 +7,14 @@ then per episode: ``env`` (draw ``sample_per_episode`` samples, stream them thro
 env flow), ``train`` (the episode's output in global steps, ``num_training_epoch`` passes),
 ``sync`` (the pairs whose destination's ``sync_frequency`` divides the episode number),
 ``eval`` (when ``eval_episode_interval`` divides it), one record (stage times of the
-slowest rank, metrics averaged over ranks), a checkpoint when due, a log line.
+slowest rank, its wall time, metrics averaged over ranks), a checkpoint when due, a log
+line.
+
+With ``runtime.max_staleness`` k >= 1 the iteration of episode e trains e, then generates
+episode e + k (with the weights of the sync after e - 1), then syncs: on every rank in
+this order, so where inference and trainers live apart the two overlap, and the weights
+behind each episode follow from the order alone (docs/async.md). Up to k generated
+episodes wait in ``in_flight`` (and in checkpoints) for their training.
 
 Example::
 
@@ -94,7 +101,7 @@ class EpisodeLoop:
         """What the training rows of ``episode`` carry: ``weight_version``, the trained
         weights that generated them, and ``staleness``, how many episodes older they are
         than the trainer that learns from them (none without parameter syncs)."""
-        if not self.plan.syncs:
+        if not self.plan.syncs or "env" not in self.plan.phases:
             return {}
         frequencies = [self.job.config.model(s.dst).sync_frequency for s in self.plan.syncs]
         version = weight_version(episode, self.staleness, frequencies)
