@@ -89,6 +89,30 @@ def test_grpo_example_learns_the_counting_task(tmp_path):
     assert rewards[0] < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
 
 
+def test_grpo_example_learns_from_stale_rollouts(tmp_path):
+    grpo = load_example("grpo")
+    records = grpo.main([*QUIET, "runtime.num_episode=20", "runtime.max_staleness=1",
+                         f"runtime.log_dir={tmp_path}"])  # fmt: skip
+    rewards = train_rewards(records, "grpo_policy/reward")
+    assert rewards[0] < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
+    trained = [r for r in records if r.episode > 0]
+    assert [r.metrics["grpo_policy/staleness"] for r in trained[:3]] == [0.0, 1.0, 1.0]
+    assert [r.metrics["rollout/weight_version"] for r in trained[:3]] == [0, 0, 1]
+    # The truncated importance weights act: the cap is reached on some tokens.
+    assert max(r.metrics["grpo_policy/tis_clipped"] for r in trained) > 0
+
+
+def test_ppo_example_trains_stale_rows_with_their_weights(tmp_path):
+    ppo = load_example("ppo")
+    records = ppo.main([*QUIET, "runtime.num_episode=3", "runtime.max_staleness=1",
+                        "runtime.eval_episode_interval=0", f"runtime.log_dir={tmp_path}",
+                        "models.ppo_policy.args.tis_cap=1.0"])  # fmt: skip
+    trained = [r for r in records if r.episode > 0]
+    assert [r.metrics["ppo_policy/staleness"] for r in trained] == [0.0, 1.0, 1.0]
+    assert trained[0].metrics["ppo_policy/tis_clipped"] == 0.0  # fresh: no weights at all
+    assert trained[1].metrics["ppo_policy/tis_clipped"] > 0  # a cap of 1 clips any gain
+
+
 def test_grpo_without_a_reference_model_learns(tmp_path):
     grpo = load_example("grpo_no_reference")
     records = grpo.main([*QUIET, "runtime.num_episode=20", f"runtime.log_dir={tmp_path}"])
