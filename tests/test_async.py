@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import flowgraph
+from flowgraph import Engine, Environment, Trainer
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.config import load_config
 from flowgraph.errors import PlanError
@@ -182,7 +183,9 @@ def test_at_most_k_plus_one_episodes_of_rollout_data_are_held(monkeypatch, k):
     monkeypatch.setattr(EpisodeLoop, "_rollout", counted)
     monkeypatch.setattr(EpisodeLoop, "_iteration", tracked)
     flowgraph.init(one_process(max_staleness=k, num_episode=6, eval_episode_interval=0))
-    records = spmd_job.engine.learn()
+    engine = Engine(Environment(spmd_job.env_flow), Trainer(spmd_job.trainer_flow))
+    engine.set_parameter_sync(spmd_job.ppo_policy, spmd_job.policy)
+    records = engine.set_dataset(spmd_job.prompts(48, seed=0)).learn()
     assert [r.metrics["rollout/staleness"] for r in records] == [min(e - 1, k) for e in range(1, 7)]
     assert len(held) == 6 and max(held) == k + 1
 

@@ -185,14 +185,14 @@ def test_returning_two_outputs():
         return a, b
 
     trace_error(flow, FlowDefinitionError, "returns 2 values (%a, %b)", "one model output",
-                at="def flow")  # fmt: skip
+                at="return a, b")  # fmt: skip
 
 
 def test_returning_a_dict():
     def flow(batch):
         return {"out": policy.forward_step(batch)}
 
-    trace_error(flow, FlowDefinitionError, "returns a dict", at="def flow")
+    trace_error(flow, FlowDefinitionError, "returns a dict", at='return {"out"')
 
 
 def test_flow_with_two_parameters():
@@ -438,7 +438,10 @@ def test_model_returning_a_non_dict():
     flowgraph.init({"runtime": {"sample_per_episode": 4, "log_episodes": False}})
     bad = ListReturner("bad")
     engine = Engine(Environment(lambda batch: bad.forward_step(batch)))
-    with pytest.raises(DataError, match="bad.forward_step returned a list; .* must return a dict"):
+    with pytest.raises(
+        DataError,
+        match=r"bad.forward_step \(test_errors.py:\d+\) returned a list; .* must return a dict",
+    ):
         engine.set_dataset(prompts(4, seed=0)).learn()
 
 

@@ -137,10 +137,9 @@ def test_grpo_with_beta_but_no_reference_names_the_fix(tmp_path):
 
 
 def test_rl_runs_are_deterministic(tmp_path):
-    ppo = load_example("ppo")
     args = [*QUIET, "runtime.num_episode=3", f"runtime.log_dir={tmp_path}"]
-    first = [r.metrics for r in ppo.main(args)]
-    assert [r.metrics for r in ppo.main(args)] == first
+    first = [r.metrics for r in load_example("ppo").main(args)]
+    assert [r.metrics for r in load_example("ppo").main(args)] == first
 
 
 def test_custom_engine_example_distils_the_teacher(tmp_path):

@@ -130,7 +130,7 @@ def test_train_metrics_are_means_over_steps():
         def train_step(self, micro_batches):
             super().train_step(micro_batches)
             losses.append(float(len(losses)))
-            return {"step": losses[-1], "text": "ignored"}
+            return {"step": torch.tensor(losses[-1])}  # a one-element tensor: converted
 
     counting = Counting("counting")
     records = (

@@ -70,9 +70,9 @@ def test_tensorboard_gets_every_metric_and_stage(ppo_run):
 def test_a_rerun_in_the_same_log_dir_hides_the_old_tensorboard_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ppo = load_example("ppo")
-    for episodes in (3, 2):
-        ppo.main([*QUIET, f"runtime.num_episode={episodes}", f"runtime.log_dir={tmp_path}"])
+    for episodes in (3, 2):  # two runs of the script (an Engine learns once)
+        load_example("ppo").main([*QUIET, f"runtime.num_episode={episodes}",
+                                  f"runtime.log_dir={tmp_path}"])  # fmt: skip
     board = EventAccumulator(str(tmp_path / "tensorboard"))
     board.Reload()
     assert [e.step for e in board.Scalars("ppo_policy/reward")] == [1, 2]
@@ -89,7 +89,7 @@ def test_flowc_report_prints_the_summary_and_draws_curves_and_timeline(ppo_run, 
 
 
 def test_flowc_report_of_a_directory_without_metrics_names_the_fix(tmp_path, capsys):
-    assert flowc(["report", str(tmp_path)]) == 1
+    assert flowc(["report", str(tmp_path)]) == 2
     assert (
         "reads the metrics.jsonl that a run writes into runtime.log_dir" in capsys.readouterr().err
     )

@@ -199,4 +199,5 @@ def test_ranks_with_different_configs_are_stopped_before_running(tmp_path):
                      env={"FLOWGRAPH_TEST_RANK1_OVERRIDE": "runtime.seed=99"})  # fmt: skip
     assert result.returncode != 0
     assert "rank(s) [1] compiled a different plan or config than rank 0" in result.stderr
+    assert "rank 1 against rank 0: runtime.seed: 1234 -> 99" in result.stderr  # the key named
     assert not list(tmp_path.glob("rank*.pt"))  # nothing ran

@@ -120,10 +120,19 @@ def _cluster(args: argparse.Namespace) -> ClusterSpec:
         if args.gpus_per_node is None:
             raise SystemExit("flowc compile: --nodes needs --gpus-per-node")
         nodes, per_node = args.nodes, args.gpus_per_node
+        if nodes < 1 or per_node < 1:
+            raise SystemExit(
+                f"flowc compile: --nodes and --gpus-per-node must be at least 1, got "
+                f"{nodes} and {per_node}"
+            )
     else:
         world = args.world_size
-        per_node = args.gpus_per_node or min(world, 8)
-        if world < 1 or world % per_node:
+        if world < 1:
+            raise SystemExit(f"flowc compile: --world-size must be at least 1, got {world}")
+        per_node = args.gpus_per_node if args.gpus_per_node is not None else min(world, 8)
+        if per_node < 1:
+            raise SystemExit(f"flowc compile: --gpus-per-node must be at least 1, got {per_node}")
+        if world % per_node:
             raise SystemExit(f"flowc compile: --world-size {world} is not a multiple of {per_node}")
         nodes = world // per_node
     if args.cpu:
@@ -169,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except FlowgraphError as err:
         print(f"flowc: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return 2
+    except SystemExit as err:  # the argument checks above: one line, exit code 2
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -117,6 +117,12 @@ class RuntimeConfig(BaseModel):
     sync_bucket_mb: int = Field(
         256, ge=1, description="Size of the buckets that parameter sync broadcasts across meshes."
     )
+    on_nonfinite: Literal["error", "skip"] = Field(
+        "error",
+        description="A NaN or infinite trainer metric (loss, grad norm): error = stop, naming "
+        "model, episode and step (the last checkpoint stays intact); skip = drop that step "
+        "(the flowgraph.rl trainers skip its optimizer step) and warn.",
+    )
     log_episodes: bool = Field(True, description="Print one line per episode.")
     trace: bool = Field(
         False,
@@ -238,7 +244,7 @@ def load_config(
     (``3``, ``true``, ``[a, b]``). Raises ``ConfigError`` naming the key on any problem.
     """
     data = _as_dict(config)
-    for override in overrides:
+    for override in _overrides(overrides):
         _apply_override(data, override)
     try:
         return Config.model_validate(data)
@@ -253,11 +259,18 @@ def _as_dict(config: str | Path | Mapping[str, Any] | Config | None) -> dict[str
         return config.model_dump(exclude_unset=True)
     if isinstance(config, Mapping):
         return _deep_copy(config)
+    if not isinstance(config, (str, Path)):
+        raise ConfigError(
+            f"a config is a YAML path, a dict or a Config, got {type(config).__name__}: "
+            "pass e.g. flowgraph.init('train.yaml') or flowgraph.init({'runtime': {...}})"
+        )
     path = Path(config)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory: name the YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -266,6 +279,46 @@ def _as_dict(config: str | Path | Mapping[str, Any] | Config | None) -> dict[str
             f"got {type(data).__name__}"
         )
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain
+    YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"key {key!r} appears twice in one section (lines {seen[key]} and {line}): "
+                    "keep one of them",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _overrides(overrides: Iterable[str]) -> list[str]:
+    """The overrides as a list of ``key=value`` strings (one string alone is a mistake:
+    iterating it would give characters)."""
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(
+            f"overrides must be a list of key=value strings, got the string {overrides!r}: "
+            f"write [{overrides!r}]"
+        )
+    items = list(overrides)
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(
+                f"override {item!r} is a {type(item).__name__}, not a key=value string; "
+                "write e.g. 'runtime.num_episode=3'"
+            )
+    return items
 
 
 def _deep_copy(value: Any) -> Any:
@@ -398,6 +451,18 @@ def reset_config() -> None:
     """Forget the configuration set by ``init()`` (tests use this)."""
     global _current
     _current = None
+
+
+def check_directories(runtime: RuntimeConfig) -> None:
+    """Refuse a ``checkpoint_dir`` or ``log_dir`` that exists as a file (found before any
+    work, rather than by the first write after an episode)."""
+    for key in ("checkpoint_dir", "log_dir"):
+        value = getattr(runtime, key)
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(
+                f"runtime.{key}: {value!r} is a file, not a directory; name a directory "
+                f"(it is created when missing), e.g. runtime.{key}={value}.d"
+            )
 
 
 def reference_markdown() -> str:

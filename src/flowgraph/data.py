@@ -196,6 +196,49 @@ def _equal(a: Any, b: Any, check_values: bool = True) -> bool:
         return False
 
 
+def _kind(value: Any) -> str:
+    """The family a sample value belongs to: values of one key must share it."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor ({value.dtype}, {value.dim()}-dim)"
+    if isinstance(value, bool | int | float):
+        return "number"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list | tuple):
+        return "list"
+    return type(value).__name__
+
+
+def check_schema(samples: Sequence[Mapping[str, Any]], what: str = "dataset") -> None:
+    """Every sample has sample 0's keys, each holding the same kind of value (tensors of
+    one dtype and rank, numbers, strings or lists); the first one that does not is named
+    with its index. ``None`` and other objects are refused."""
+    first = samples[0]
+    kinds = {key: _kind(value) for key, value in first.items()}
+    for index, sample in enumerate(samples):
+        if sample.keys() != first.keys():
+            missing, extra = (
+                sorted(first.keys() - sample.keys()),
+                sorted(sample.keys() - first.keys()),
+            )
+            raise DataError(
+                f"{what} sample {index} has keys {sorted(sample)}, sample 0 has {sorted(first)}"
+                f" (missing {missing}, extra {extra}); every sample needs the same keys"
+            )
+        for key, value in sample.items():
+            kind = _kind(value)
+            if kind not in ("number", "str", "list") and not kind.startswith("tensor"):
+                raise DataError(
+                    f"{what} sample {index} key {key!r} holds a {kind}; sample values are "
+                    "tensors, numbers, strings or lists"
+                )
+            if kind != kinds[key]:
+                raise DataError(
+                    f"{what} sample {index} key {key!r} holds a {kind}, sample 0's a "
+                    f"{kinds[key]}; one key holds one kind of value in every sample"
+                )
+
+
 class Dataset:
     """A user's sample list, drawn from in a seeded order that depends only on
     ``(seed, position)``: the same samples on every rank and after a resume.
@@ -216,6 +259,7 @@ class Dataset:
         if len(samples) == 0:
             raise DataError(f"{what} is empty; pass at least one sample")
         self.samples = [to_sample(item, i) for i, item in enumerate(samples)]
+        check_schema(self.samples, what)
         self.seed = seed
         self._orders: dict[int, list[int]] = {}
 

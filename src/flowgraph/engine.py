@@ -14,7 +14,10 @@ mistakes surface at the user's line before anything runs::
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,12 +29,13 @@ from flowgraph.compiler.graph import TRAIN_METHOD, Graph
 from flowgraph.compiler.pipeline import ModelFacts, Program, compile_plan
 from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
-from flowgraph.config import Config, current_config
+from flowgraph.config import Config, check_directories, current_config
 from flowgraph.data import Batch, Dataset
 from flowgraph.errors import (
     ConfigError,
     EngineError,
     FlowDefinitionError,
+    PlanError,
     did_you_mean,
 )
 from flowgraph.module import BaseModule
@@ -41,6 +45,8 @@ from flowgraph.runtime.job import Job
 from flowgraph.runtime.telemetry import EpisodeRecord
 
 log = logging.getLogger("flowgraph")
+# The script flowc is importing (flowgraph.loader): learn() must not train during it.
+IMPORTING: contextvars.ContextVar[str | None] = contextvars.ContextVar("importing", default=None)
 
 
 class _FlowHolder:
@@ -191,6 +197,7 @@ class Engine:
         self.modules: dict[str, BaseModule] = {}
         self.syncs: list[tuple[BaseModule, BaseModule]] = []
         self.samples: list[Any] | None = None
+        self.learned = False  # learn() runs once per Engine
         for part in (self.environment, self.trainer):
             if part is not None:
                 self._adopt(part.traced)
@@ -254,12 +261,16 @@ class Engine:
     def __str__(self) -> str:
         return "\n\n".join(str(g) for g in self.graphs().values())
 
+    def _trained_by_flow(self) -> dict[str, str]:
+        """Models whose ``train_step`` the Trainer flow calls, with the call's source line."""
+        if self.trainer is None:
+            return {}
+        graph = self.trainer.traced.graph
+        return {n.model: n.source for n in graph.calls() if n.method == TRAIN_METHOD}
+
     def trainable_models(self, config: Config) -> list[str]:
         """Models a Trainer flow trains, plus those with ``trainable: true``."""
-        trained = set()
-        if self.trainer is not None:
-            graph = self.trainer.traced.graph
-            trained = {n.model for n in graph.calls() if n.method == TRAIN_METHOD}
+        trained = set(self._trained_by_flow())
         chosen = {name: config.model(name).trainable for name in self.modules}
         return [
             name
@@ -302,6 +313,13 @@ class Engine:
                     f"{did_you_mean(name, self.modules)}"
                     f"its models are: {', '.join(self.modules)}"
                 )
+        for name, source in self._trained_by_flow().items():
+            if config.model(name).trainable is False:
+                raise ConfigError(
+                    f"models.{name}.trainable is false, but the Trainer flow calls "
+                    f"{name}.train_step ({source}): remove trainable: false, or the call"
+                )
+        self._check_sync_directions(config)
         for name in self.trainable_models(config):
             if config.model(name).precision == "fp16":
                 raise ConfigError(
@@ -310,9 +328,49 @@ class Engine:
                     "compute), or fp32"
                 )
 
+    def _check_sync_directions(self, config: Config) -> None:
+        """A sync copies a trained model into an inference copy: its source must train and
+        its destination must not (else the copy overwrites the trained weights)."""
+        trainable = set(self.trainable_models(config))
+        for src, dst in self.syncs:
+            call = f"set_parameter_sync({src.name}, {dst.name})"
+            if src.name not in trainable and dst.name in trainable:
+                raise EngineError(
+                    f"{call}: the arguments are swapped: {dst.name} is the trained model and "
+                    f"{src.name} its copy, so every sync would overwrite the trained weights "
+                    f"with the untrained ones; write set_parameter_sync({dst.name}, {src.name})"
+                )
+            if src.name not in trainable:
+                raise EngineError(
+                    f"{call}: {src.name} is not trained (no train_step of it in the Trainer "
+                    f"flow, no models.{src.name}.trainable: true), so there is nothing to copy: "
+                    "the source is the model the Trainer flow trains"
+                )
+            if dst.name in trainable:
+                raise EngineError(
+                    f"{call}: {dst.name} is trained too, and each sync would overwrite its "
+                    f"training; the destination is an inference copy (a model the env or eval "
+                    "flow calls, never train_step)"
+                )
+
     def learn(self) -> list[EpisodeRecord]:
         """Run all episodes (in this process, or as this rank of a torchrun job) and
         return their records (on rank 0; other ranks return [])."""
+        script = IMPORTING.get()
+        if script is not None:
+            raise EngineError(
+                f"{_caller_line(script)} calls learn() when the script is imported; flowc "
+                "imports scripts to read their Engine and never trains: put the call under "
+                '`if __name__ == "__main__":` (python FILE still runs it)'
+            )
+        if self.learned:
+            raise EngineError(
+                "learn() already ran on this Engine: its modules hold the trained weights, "
+                "and a second run would set them up (re-initialise them) again. To train "
+                "longer, raise runtime.num_episode with a runtime.checkpoint_dir and run "
+                "the script again (it resumes from the checkpoint), or build new modules "
+                "and a new Engine for a fresh run"
+            )
         config = current_config()
         self.check_config(config)
         if self.samples is None:
@@ -332,7 +390,13 @@ class Engine:
         )
         if self.evaluator is not None:
             self._warn_if_never_evaluated(config)
-        return launch.run(job, lambda cluster: compile_plan(program, config, cluster))
+        check_directories(config.runtime)
+        self.learned = True
+        try:
+            return launch.run(job, lambda cluster: compile_plan(program, config, cluster))
+        except PlanError:  # raised while planning, before any model was set up
+            self.learned = False
+            raise
 
     @staticmethod
     def _warn_if_never_evaluated(config: Config) -> None:
@@ -342,6 +406,14 @@ class Engine:
                 "an Evaluator is set but runtime.eval_episode_interval is 0, so it never "
                 "runs; set runtime.eval_episode_interval=N to evaluate every N episodes"
             )
+
+
+def _caller_line(script: str) -> str:
+    """``train.py:40``: the line of ``script`` on the current stack (the learn() call)."""
+    for frame in reversed(traceback.extract_stack()):
+        if os.path.abspath(frame.filename) == script:
+            return f"{os.path.basename(script)}:{frame.lineno}"
+    return os.path.basename(script)
 
 
 def _facts(module: BaseModule, config: Config, trainable: bool) -> ModelFacts:

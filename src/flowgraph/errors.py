@@ -18,6 +18,8 @@ that ``except FlowgraphError`` catches exactly the framework's own complaints.
     │   └── BatchMergeError       two inputs of one model disagree on a key
     ├── EngineError           engine wiring: modules, names, missing datasets
     │   └── ParameterSyncError    source and destination parameters do not match
+    ├── CheckpointError       a checkpoint this run cannot resume from
+    ├── NonFiniteError        a trainer reported a NaN or infinite loss
     └── PlanError             the compiler cannot place or schedule the flows
         └── LayoutError           one placement does not fit memory or the batches
 """
@@ -132,6 +134,12 @@ class CheckpointError(FlowgraphError):
     (DeepSpeed). The message names the checkpoint; start afresh with ``runtime.resume=false``
     or another ``checkpoint_dir``, or relaunch as it was written.
     """
+
+
+class NonFiniteError(FlowgraphError):
+    """A trainer reported a NaN or infinite loss or metric (``runtime.on_nonfinite:
+    error``, the default). The message names the model, episode and global step; the
+    checkpoint before it is intact. ``runtime.on_nonfinite: skip`` drops such steps."""
 
 
 class PlanError(FlowgraphError):

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import runpy
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
+from flowgraph import engine as engine_module
 from flowgraph.engine import Engine
-from flowgraph.errors import EngineError
+from flowgraph.errors import EngineError, FlowgraphError
 
 
 def split_target(target: str) -> tuple[Path, str | None]:
@@ -56,13 +58,39 @@ def load_engine(target: str) -> Engine:
 
 
 def _run_script(path: Path) -> dict[str, Any]:
+    """Execute the script as ``__flowc__`` with ``learn()`` disarmed: a script that trains
+    when imported is stopped before it does, with the guard to add. Its own exceptions
+    become one ``EngineError`` naming the script's line (flowgraph's errors stay)."""
     script_dir = str(path.resolve().parent)
     sys.path.insert(0, script_dir)  # scripts import their neighbours, as `python x.py` allows
+    token = engine_module.IMPORTING.set(str(path.resolve()))
     try:
         return runpy.run_path(str(path), run_name="__flowc__")
+    except FlowgraphError:
+        raise
+    except SyntaxError as err:
+        raise EngineError(
+            f"{err.filename or path}:{err.lineno}: syntax error: {err.msg}; fix the script "
+            "(python -m py_compile FILE shows the same)"
+        ) from None
+    except (Exception, SystemExit) as err:
+        where = _script_line(err, path)
+        raise EngineError(
+            f"importing {path} raised {type(err).__name__}: {err} (at {where}); flowc runs "
+            "the script's module level to find its Engine: fix that line, or move the code "
+            'under `if __name__ == "__main__":`'
+        ) from None
     finally:
+        engine_module.IMPORTING.reset(token)
         if sys.path and sys.path[0] == script_dir:
             sys.path.pop(0)
+
+
+def _script_line(err: BaseException, path: Path) -> str:
+    """``train.py:12``: the script's last frame in ``err``'s traceback."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if Path(f.filename).resolve() == path.resolve()]  # fmt: skip
+    return f"{path}:{frames[-1].lineno}" if frames else str(path)
 
 
 def _engines(namespace: dict[str, Any]) -> dict[str, Engine]:

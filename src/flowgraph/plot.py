@@ -15,9 +15,38 @@ from pathlib import Path
 PANELS = (("reward", ("reward", "score")), ("KL", ("kl",)), ("loss", ("loss",)))
 
 
+RECORD_KEYS = {"episode": int, "samples": int, "seconds": float, "stages": dict, "metrics": dict}
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """The episode records of a ``metrics.jsonl`` file, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The episode records of a ``metrics.jsonl`` file, in order. A last line without its
+    newline is one a running job is writing: left out. A line that is not an episode
+    record is an error naming the file and line."""
+    from flowgraph.errors import DataError
+
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # still being written
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or any(
+            not isinstance(record.get(k), kind) and not (kind is float and isinstance(
+                record.get(k), int)) for k, kind in RECORD_KEYS.items()
+        ):  # fmt: skip
+            raise DataError(
+                f"{path}:{number} is not an episode record of flowgraph (JSON with "
+                f"{', '.join(RECORD_KEYS)}): {line[:60]!r}; point flowc report at a run's "
+                "runtime.log_dir"
+            )
+        records.append(record)
+    return records
 
 
 def panels(records: list[dict]) -> list[tuple[str, list[str]]]:

@@ -11,7 +11,7 @@ Example::
     >>> run = pathlib.Path(tempfile.mkdtemp())
     >>> lines = [{"episode": e, "samples": 8, "seconds": 0.5, "stages": {"env": 0.2, "train": 0.3},
     ...           "metrics": {"reward": e / 10}} for e in (1, 2, 3)]
-    >>> _ = (run / "metrics.jsonl").write_text("\\n".join(map(json.dumps, lines)))
+    >>> _ = (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\\n" for x in lines))
     >>> print(summary(run))  # doctest: +NORMALIZE_WHITESPACE
     run ...: 3 episodes, 8 samples per episode
     median episode 0.500 s (16 samples/s), 1.5 s in all

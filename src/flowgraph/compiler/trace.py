@@ -295,12 +295,24 @@ class Tracer:
             return "?"
         return str(SourceLocation(self.flow_code.co_filename, self.flow_code.co_firstlineno))
 
+    def _return_location(self) -> str:
+        """The flow's ``return <value>`` line(s) (what a wrong return value is reported
+        at), or its ``def`` line when it has none (a lambda)."""
+        if self.flow_code is None:
+            return "?"
+        returns = [i for i in dis.get_instructions(self.flow_code) if i.opname == "RETURN_VALUE"]
+        lines = sorted({i.positions.lineno for i in returns if i.positions and i.positions.lineno})
+        if not lines or lines == [self.flow_code.co_firstlineno]:
+            return self._flow_location()
+        name = self.flow_code.co_filename
+        return " or ".join(str(SourceLocation(name, line)) for line in lines)
+
     def _returned(self, result: Any) -> tuple[str, ...]:
         if result is None:
             return ()
         if isinstance(result, Proxy) and result._tracer is self:
             return (result._node.name,)
-        where = f"flow {self.graph.name} ({self._flow_location()})"
+        where = f"flow {self.graph.name} ({self._return_location()})"
         if isinstance(result, list | tuple) and any(isinstance(r, Proxy) for r in result):
             names = ", ".join(f"%{r._node.name}" for r in result if isinstance(r, Proxy))
             raise FlowDefinitionError(

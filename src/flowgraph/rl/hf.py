@@ -66,7 +66,17 @@ def _config(args: dict, vocab_size: int, special_ids: dict):
         fields.setdefault("vocab_size", vocab_size)
         for key, value in special_ids.items():
             fields.setdefault(key, value)
-        return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+        model_type = fields.pop("model_type")
+        known = list(transformers.CONFIG_MAPPING.keys())
+        if model_type not in known:
+            from flowgraph.errors import ConfigError, did_you_mean
+
+            raise ConfigError(
+                f"args.hf_config.model_type: transformers has no model type {model_type!r}; "
+                f"{did_you_mean(str(model_type), known)}e.g. gpt2, llama, qwen2 "
+                "(transformers.CONFIG_MAPPING lists all)"
+            )
+        return transformers.AutoConfig.for_model(model_type, **fields)
     path = str(args["hf_model"])
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(

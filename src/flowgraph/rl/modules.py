@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from flowgraph.devices import cuda_wanted
+from flowgraph.errors import ConfigError, did_you_mean
 from flowgraph.module import TorchModule
 from flowgraph.rl import hf
 from flowgraph.rl.gpt import GPTConfig, TinyGPT, ValueGPT
@@ -62,8 +63,63 @@ from flowgraph.rl.ppo import (
     value_loss,
 )
 from flowgraph.rl.sampling import generate, response_logits, token_logprobs
-from flowgraph.rl.tasks import reward_function
+from flowgraph.rl.tasks import REWARDS, reward_function
 from flowgraph.rl.tokenizer import DIGITS, CharTokenizer
+
+KNOWN_ARGS = frozenset(
+    {
+        "alphabet",
+        "vocab_size",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "max_seq_len",
+        "init_seed",
+        "hf_model",
+        "hf_config",
+        "hf_tokenizer",
+        "disable_dropout",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eval_temperature",
+        "task",
+        "score_length",
+        "scale",
+        "kl_coef",
+        "gamma",
+        "lam",
+        "lr",
+        "clip",
+        "entropy_coef",
+        "beta",
+        "max_grad_norm",
+        "tis_cap",
+    }
+)  # fmt: skip  (every key the ready modules read; models that must agree share one set)
+
+
+def typed_arg(key: str, value: Any, default: Any) -> Any:
+    """``value`` of ``models.<name>.args.<name>`` (``key``) as the type of its ``default``:
+    numbers from numbers or numeric strings (YAML reads ``1e-3`` as a string), booleans
+    only from booleans; anything else is a ``ConfigError`` naming the key."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif isinstance(default, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and isinstance(default, float):
+            return number
+        if number is not None and number.is_integer():
+            return int(number)
+        expected = "a number" if isinstance(default, float) else "a whole number"
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {expected} (like the default {default!r}), got {value!r}")
 
 
 class GPTModule(TorchModule):
@@ -72,7 +128,20 @@ class GPTModule(TorchModule):
     network = TinyGPT
 
     def arg(self, key: str, default: Any) -> Any:
-        return self.model_config.args.get(key, default)
+        """``models.<name>.args.<key>``, or ``default``; of the default's type."""
+        value = self.model_config.args.get(key, default)
+        return typed_arg(f"models.{self.name}.args.{key}", value, default)
+
+    def check_args(self) -> None:
+        """Every key of ``args`` is one the ready modules read (a typo is an error, not a
+        silently ignored setting)."""
+        for key in self.model_config.args:
+            if key not in KNOWN_ARGS:
+                known = ", ".join(sorted(KNOWN_ARGS))
+                raise ConfigError(
+                    f"models.{self.name}.args.{key}: unknown argument of the flowgraph.rl "
+                    f"modules; {did_you_mean(key, KNOWN_ARGS)}known: {known}"
+                )
 
     @property
     def tokenizer(self) -> CharTokenizer | hf.HFTokenizer:
@@ -86,11 +155,32 @@ class GPTModule(TorchModule):
 
     def gpt_config(self) -> GPTConfig:
         runtime = self.runtime_config
-        return GPTConfig.from_args(
-            self.model_config.args,
+        args = self.model_config.args
+        fields = {k: typed_arg(f"models.{self.name}.args.{k}", args[k], 1)
+                  for k in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len")
+                  if k in args}  # fmt: skip
+        config = GPTConfig.from_args(
+            fields,
             vocab_size=self.tokenizer.vocab_size,
             max_seq_len=runtime.prompt_length + runtime.response_length,
         )
+        where = f"models.{self.name}.args"
+        for key, value in vars(config).items():
+            if value < 1:
+                raise ConfigError(f"{where}.{key}: must be at least 1, got {value}")
+        if config.n_embd % config.n_head:
+            raise ConfigError(
+                f"{where}.n_embd ({config.n_embd}) is not a multiple of n_head "
+                f"({config.n_head}): each head gets n_embd / n_head dimensions; e.g. "
+                f"n_embd: {config.n_head * max(1, round(config.n_embd / config.n_head))}"
+            )
+        if config.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"{where}.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} tokens: token ids would fall outside the "
+                f"embedding; use vocab_size >= {self.tokenizer.vocab_size} (or leave it out)"
+            )
+        return config
 
     def build_network(self) -> torch.nn.Module:
         """``self.network`` (``TinyGPT`` or ``ValueGPT``) from ``args``, or the Hugging Face
@@ -101,9 +191,14 @@ class GPTModule(TorchModule):
         tokenizer = self.tokenizer
         special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                    "pad_token_id": tokenizer.pad_id}  # fmt: skip
-        return hf.build(
-            self.model_config.args, self.network is ValueGPT, config.vocab_size, special
-        )
+        try:
+            return hf.build(
+                self.model_config.args, self.network is ValueGPT, config.vocab_size, special
+            )
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            if not str(err).startswith("args."):
+                raise
+            raise ConfigError(f"models.{self.name}.{err}") from None
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +209,7 @@ class GPTModule(TorchModule):
         return torch.device("cpu")
 
     def setup(self) -> None:
+        self.check_args()
         with torch.random.fork_rng():
             torch.manual_seed(self.arg("init_seed", 0))
             self.model = self.build_network()  # initialised on the CPU: the same everywhere
@@ -125,11 +221,14 @@ class GPTModule(TorchModule):
             )
 
     def step_optimizer(self) -> float:
-        """Clip gradients, step, clear them; returns the gradient norm."""
+        """Clip gradients, step, clear them; returns the gradient norm. A NaN or infinite
+        norm skips the step under ``runtime.on_nonfinite: skip`` (under ``error`` the run
+        stops on the returned metric)."""
         norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), float(self.arg("max_grad_norm", 1.0))
         )
-        self.optimizer.step()
+        if torch.isfinite(norm) or self.runtime_config.on_nonfinite != "skip":
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -244,7 +343,14 @@ class RewardInference(GPTModule):
     ``kl`` is 0 when no reference model added ``ref_logprobs`` (GRPO with beta 0)."""
 
     def setup(self) -> None:
-        self.rule = reward_function(self.arg("task", "count_up"))
+        self.check_args()
+        task = self.arg("task", "count_up")
+        if task not in REWARDS:
+            raise ConfigError(
+                f"models.{self.name}.args.task: unknown rule reward {task!r}; "
+                f"{did_you_mean(str(task), REWARDS)}rule rewards: {', '.join(sorted(REWARDS))}"
+            )
+        self.rule = reward_function(task)
 
     def score(self, data: dict) -> torch.Tensor:
         length = self.runtime_config.response_length

@@ -56,6 +56,7 @@ from flowgraph.errors import CheckpointError
 log = logging.getLogger("flowgraph")
 FORMAT = 1
 PREFIX = "episode_"
+STORE_META = {"episode": int, "world_size": int, "files": dict}  # what the store writes
 
 
 @dataclass
@@ -226,14 +227,30 @@ def _damage(path: Path) -> str | None:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as err:
         return f"meta.json unreadable ({type(err).__name__}: {err})"
+    if not isinstance(meta, dict):
+        return f"{path / 'meta.json'} holds a JSON {type(meta).__name__}, not flowgraph's metadata"
     if meta.get("format") != FORMAT:
         return f"format {meta.get('format')!r}, this flowgraph reads {FORMAT}"
+    foreign = foreign_meta(path, meta, STORE_META)
+    if foreign:
+        return foreign
     for name, size in meta["files"].items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} were written (truncated)"
+    return None
+
+
+def foreign_meta(path: Path, meta: dict[str, Any], schema: dict[str, type]) -> str | None:
+    """Why ``meta`` (``path``'s meta.json) is not the metadata ``schema`` describes (keys
+    and the types of their values), or ``None``."""
+    for key, kind in schema.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in meta else f"a {type(value).__name__}"
+            return f"{path / 'meta.json'}: {key!r} is {got}, not flowgraph's metadata"
     return None
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.data import Batch
 from flowgraph.devices import rank_device
-from flowgraph.errors import PlanError
+from flowgraph.errors import FlowgraphError, PlanError
 from flowgraph.runtime.transport import Outbox, all_gather_batches, all_gather_objects, recv_batch
 
 ERROR_KEY = "flowgraph/failed"
@@ -79,7 +79,10 @@ class Communicator:
         return dict(mine)
 
     def stop(self, where: str, err: Exception, silent: str | None = None) -> NoReturn:
-        """This rank cannot go on: ``where`` says what it was doing."""
+        """This rank cannot go on: ``where`` says what it was doing (a note on ``err``,
+        which keeps its type and traceback; flowgraph's own errors already say it)."""
+        if not isinstance(err, FlowgraphError):
+            err.add_note(f"flowgraph: {where}")
         raise err
 
     def shutdown(self) -> None:

@@ -103,7 +103,9 @@ class Interpreter:
                       for phase in self.runs}  # fmt: skip
         check = self.runtime.check_merges
         self.kernels = {
-            phase: Kernels(spec, job.modules, phase, check, hosted.computing)
+            phase: Kernels(
+                spec, job.modules, phase, check, hosted.computing, self.runtime.on_nonfinite
+            )
             for phase, spec in plan.phases.items()
         }
         self.values: dict[tuple[str, int], Any] = {}

@@ -13,16 +13,20 @@ naming the node and the user's source line, torch.fx style::
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from flowgraph.compiler.plan import NodeSpec, PhaseSpec
-from flowgraph.data import Batch, concat, merge_inputs, split
-from flowgraph.errors import DataError
+from flowgraph.data import Batch, batch_size, concat, merge_inputs, split
+from flowgraph.errors import NonFiniteError
 from flowgraph.module import BaseModule
+from flowgraph.runtime import contracts
 from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.telemetry import MetricAverager, StageTimer
+
+log = logging.getLogger("flowgraph")
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,10 @@ class Kernels:
         computing: Callable[[str], contextlib.AbstractContextManager] = (
             lambda model: contextlib.nullcontext()
         ),
+        on_nonfinite: str = "error",
     ) -> None:
         self.spec, self.phase, self.check_merges = spec, phase, check_merges
+        self.on_nonfinite = on_nonfinite
         self.computing = computing
         self.calls = {
             node.name: _Call(
@@ -96,9 +102,32 @@ class Kernels:
         with timer.stage(call.timer_key):
             if call.node.trains:
                 result = self._call(call, per_micro)
-                metrics.add(call.module.name, result if isinstance(result, Mapping) else None)
+                numbers = contracts.metrics(_where(call.node), result)
+                self._check_finite(call.node, numbers, episode=rng[1], step=rng[2])
+                metrics.add(call.module.name, numbers)
                 return [None] * count
             return [self._call(call, mb) for mb in per_micro]
+
+    def _check_finite(self, node: NodeSpec, numbers: Mapping[str, float], episode: int,
+                      step: int) -> None:  # fmt: skip
+        """``runtime.on_nonfinite``: a NaN or infinite metric stops the run (``error``) or
+        is dropped from the averages with a warning (``skip``)."""
+        bad = contracts.non_finite(numbers)
+        if not bad:
+            return
+        values = ", ".join(f"{k} = {numbers[k]}" for k in bad)
+        where = f"{node.target} at episode {episode}, global step {step} ({node.source})"
+        if self.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"{where} reported {values}. The last checkpoint is intact. Lower the "
+                "learning rate or clip gradients (args.max_grad_norm), or set "
+                "runtime.on_nonfinite=skip to drop such steps (the flowgraph.rl trainers "
+                "then skip the optimizer step)"
+            )
+        log.warning("flowgraph: %s reported %s; dropped from the metrics "
+                    "(runtime.on_nonfinite=skip)", where, values)  # fmt: skip
+        for key in bad:
+            numbers.pop(key)  # type: ignore[attr-defined]
 
     def _merged(self, call: _Call, values: Mapping[str, Any]) -> Batch:
         inputs = [values[name] for name in call.node.inputs]
@@ -121,9 +150,11 @@ class Kernels:
             if hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(f"While executing {node} (flow {self.spec.flow})")
             raise
-        if not node.trains and not isinstance(result, Mapping):
-            raise DataError(
-                f"{node.target} returned a {type(result).__name__}; a model call in a flow "
-                f"({node.source}) must return a dict batch, e.g. return {{**data, 'y': y}}"
-            )
+        if not node.trains:
+            contracts.check_batch(_where(node), result, batch_size(data))
         return result
+
+
+def _where(node: NodeSpec) -> str:
+    """``reward.forward_step (train.py:41)``: the call and the user's line, for messages."""
+    return f"{node.target} ({node.source})" if node.source else node.target

@@ -23,6 +23,7 @@ from flowgraph.errors import PlanError
 from flowgraph.runtime.comm import Communicator, DistComm, LocalComm
 from flowgraph.runtime.job import Job
 from flowgraph.runtime.loop import EpisodeLoop
+from flowgraph.runtime.resume import config_changes
 from flowgraph.runtime.telemetry import EpisodeRecord
 
 
@@ -41,12 +42,20 @@ def check_same_plan(comm: Communicator, plan: Plan, config: Config) -> None:
     with the same overrides); otherwise stop before anything runs."""
     if comm.world_size == 1:
         return
+    settings = config.model_dump(mode="json")
     fingerprint = hashlib.sha256(f"{plan.hash()}{config}".encode()).hexdigest()[:16]
-    fingerprints = comm.all_gather_objects(fingerprint)
+    parts = comm.all_gather_objects((fingerprint, settings))
+    fingerprints = [f for f, _ in parts]
     if len(set(fingerprints)) > 1:
         differing = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
+        details = []
+        for rank in differing:
+            changes = config_changes(parts[0][1], parts[rank][1], ignore=())
+            what = ", ".join(changes) if changes else "the same config, another plan (flows)"
+            details.append(f"rank {rank} against rank 0: {what}")
         raise PlanError(
             f"rank(s) {differing} compiled a different plan or config than rank 0: every "
-            "rank must run the same script with the same config and overrides "
-            f"(fingerprints: {', '.join(f'rank {r} {f}' for r, f in enumerate(fingerprints))})"
+            "rank must run the same script with the same config and overrides; "
+            + "; ".join(details)
+            + f" (fingerprints: {', '.join(f'rank {r} {f}' for r, f in enumerate(fingerprints))})"
         )

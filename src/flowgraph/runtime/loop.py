@@ -33,6 +33,7 @@ import torch
 from flowgraph.compiler.plan import Plan
 from flowgraph.data import Batch, batch_size
 from flowgraph.precision import cast_inference_model
+from flowgraph.runtime import contracts
 from flowgraph.runtime.backends import prepare
 from flowgraph.runtime.comm import Communicator
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, weight_version
@@ -193,8 +194,13 @@ class EpisodeLoop:
             self.interpreter.run_phase("eval", data)
         if self.rank != 0:
             return {}
-        metrics = self.job.post_process(data.returned("eval")) or {}
-        return {f"eval/{k}": v for k, v in metrics.items()}
+        try:
+            result = self.job.post_process(data.returned("eval"))
+            evaluated = contracts.metrics("the Evaluator's post_process", result)
+        except Exception as err:
+            self.comm.stop(f"rank 0 failed in the Evaluator's post_process of the evaluation "
+                           f"after episode {episode}", err)  # fmt: skip
+        return {f"eval/{k}": v for k, v in evaluated.items()}
 
     def _restored_rollouts(self, outputs: dict[int, dict[int, Batch]]) -> dict[int, Episode]:
         """The generated but untrained episodes a checkpoint held, as episodes again (the

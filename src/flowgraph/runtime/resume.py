@@ -21,11 +21,13 @@ from pathlib import Path
 
 from flowgraph.compiler.plan import Plan
 from flowgraph.data import Batch
+from flowgraph.errors import CheckpointError
 from flowgraph.module import BaseModule, DeepSpeedModule
 from flowgraph.runtime.checkpoint import (
     Checkpoint,
     CheckpointStore,
     check_compatible,
+    foreign_meta,
     save_object,
 )
 from flowgraph.runtime.comm import Communicator
@@ -35,6 +37,7 @@ from flowgraph.runtime.telemetry import EpisodeRecord
 
 log = logging.getLogger("flowgraph")
 IN_FLIGHT = "in_flight.pt"  # env outputs of the generated, untrained episodes
+RUN_META = {"fingerprint": str, "models": list, "config": dict, "history": list}
 
 
 def flow_fingerprint(plan: Plan) -> str:
@@ -50,16 +53,18 @@ def flow_fingerprint(plan: Plan) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every setting that differs, ``runtime.num_episode`` aside
-    (raising it is how a finished run is extended)."""
+def config_changes(
+    saved: dict, current: dict, prefix: str = "", ignore: tuple[str, ...] = ("runtime.num_episode",)
+) -> list[str]:
+    """``key: old -> new`` for every setting that differs, those of ``ignore`` aside (by
+    default ``runtime.num_episode``: raising it is how a finished run is extended)."""
     changes = []
     for key in sorted(set(saved) | set(current)):
         name = f"{prefix}{key}"
         old, new = saved.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            changes += config_changes(old, new, name + ".")
-        elif old != new and name != "runtime.num_episode":
+            changes += config_changes(old, new, name + ".", ignore)
+        elif old != new and name not in ignore:
             changes.append(f"{name}: {old!r} -> {new!r}")
     return changes
 
@@ -168,6 +173,10 @@ class RunCheckpoints:
         it (model states by name, ``rng`` for its RNG states)."""
         per_rank = [n for n, m in self.job.modules.items() if _per_rank(m)]
         for checkpoint in self.store.candidates():
+            foreign = foreign_meta(checkpoint.path, checkpoint.meta, RUN_META)
+            if foreign:
+                self.store.warn_skipped(checkpoint.path, foreign)
+                continue
             check_compatible(checkpoint, self.fingerprint, self.world_size, per_rank,
                              self.plan_hash)  # fmt: skip
             try:
@@ -192,6 +201,19 @@ class RunCheckpoints:
         if own in checkpoint.meta["files"]:
             states["rng"] = checkpoint.load(own)
         return states
+
+    @staticmethod
+    def _load(name: str, module: BaseModule, state: object, checkpoint: Checkpoint) -> None:
+        try:
+            module.load_checkpoint_state(state)
+        except (RuntimeError, KeyError, ValueError) as err:
+            detail = " ".join(str(err).split())[:400]
+            raise CheckpointError(
+                f"{checkpoint} holds a model {name} that does not fit this run's "
+                f"{name} ({type(err).__name__}: {detail}): "
+                f"its shape or parameters changed since. Restore models.{name}'s settings, "
+                "or start afresh with runtime.resume=false or another runtime.checkpoint_dir"
+            ) from err
 
     def restore_in_flight(self) -> dict[int, dict[int, Batch]]:
         """The generated but untrained episodes of the resumed checkpoint: their env
@@ -238,7 +260,7 @@ class RunCheckpoints:
                 directory = str(checkpoint.path / f"deepspeed_{name}")
                 module.engine.load_checkpoint(directory, tag="state")
             else:
-                module.load_checkpoint_state(self.states.pop(name))
+                self._load(name, module, self.states.pop(name), checkpoint)
         if trainable and "rng" in self.states:
             set_rng_state(self.states.pop("rng"))
         history = [EpisodeRecord.from_json(r, self.job.config.runtime.num_episode)
