@@ -194,8 +194,8 @@ class Returns(TorchModule):
 
 
 OUTPUT_MISTAKES = [
-    ("a float value", lambda d: {"a": 1.0}, r"returned key 'a' as a float \(1.0\)"),
-    ("a 0-dim tensor", lambda d: {**d, "s": torch.tensor(2.0)}, r"key 's' as a 0-dim tensor"),
+    ("a float value", lambda d: {"a": 1.0}, r"key 'a' holds a float \(1.0\)"),
+    ("a 0-dim tensor", lambda d: {**d, "s": torch.tensor(2.0)}, r"key 's' holds a 0-dim tensor"),
     ("one row too few", lambda d: {**d, "y": d["x"][:-1]},
      r"keys with different numbers of rows \(.*y: 3"),
     ("every key one row short", lambda d: {"x": d["x"][:-1]}, r"returned 3 rows for a batch of 4"),

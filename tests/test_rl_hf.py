@@ -6,6 +6,7 @@ import transformers
 import yaml
 
 from flowgraph.config import Config
+from flowgraph.errors import ConfigError
 from flowgraph.rl import hf
 from flowgraph.rl.modules import PolicyInference
 from flowgraph.rl.sampling import generate
@@ -86,13 +87,13 @@ def test_a_config_only_directory_builds_from_init_seed(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ({"hf_model": "/nonexistent/dir"}, "has no config.json"),
-        ({"hf_config": {"n_layer": 1}}, "needs a model_type"),
+        ({"hf_model": "/nonexistent/dir"}, r"models.policy.args.hf_model=.* has no config.json"),
+        ({"hf_config": {"n_layer": 1}}, r"models.policy.args.hf_config needs a model_type"),
         ({"hf_config": {**GPT2, "vocab_size": 5}}, "vocabulary of 5 tokens, fewer than"),
     ],
 )
 def test_bad_hugging_face_arguments_name_the_fix(args, message):
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises((ConfigError, ValueError), match=message):
         policy_module(args)
 
 

@@ -64,7 +64,7 @@ def _same_shape(tensors: Sequence[torch.Tensor]) -> bool:
 
 def batch_size(batch: Mapping[str, Any]) -> int:
     """Number of samples in ``batch``; raises ``DataError`` when its values disagree."""
-    sizes = {key: _length(key, value) for key, value in batch.items()}
+    sizes = {key: rows_of(key, value) for key, value in batch.items()}
     distinct = set(sizes.values())
     if len(distinct) > 1:
         detail = ", ".join(f"{k}: {n}" for k, n in sizes.items())
@@ -72,19 +72,22 @@ def batch_size(batch: Mapping[str, Any]) -> int:
     return distinct.pop() if distinct else 0
 
 
-def _length(key: str, value: Any) -> int:
+def rows_of(key: str, value: Any, owner: str = "batch") -> int:
+    """The rows of batch value ``value`` (dim 0 of a tensor, the length of a list); a
+    ``DataError`` naming ``owner`` and ``key`` for values without a sample axis."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             raise DataError(
-                f"batch key {key!r} holds a 0-dim tensor; batch values need a sample "
-                "axis (dim 0): use a tensor of shape [batch, ...] or a list"
+                f"{owner}: key {key!r} holds a 0-dim tensor; a batch value needs one entry per "
+                "sample (dim 0): a tensor of shape [batch, ...] (e.g. x.expand(n)) or a list"
             )
         return value.shape[0]
     if isinstance(value, list | tuple):
         return len(value)
+    text = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     raise DataError(
-        f"batch key {key!r} holds a {type(value).__name__}; batch values must be "
-        "tensors or lists with one entry per sample"
+        f"{owner}: key {key!r} holds a {type(value).__name__} ({text}); a batch value is a "
+        "tensor [batch, ...] or a list with one entry per sample"
     )
 
 

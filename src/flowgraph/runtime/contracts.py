@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from flowgraph.data import rows_of
 from flowgraph.errors import DataError
 
 
@@ -40,7 +41,7 @@ def check_batch(where: str, result: Any, rows_in: int) -> None:
     for key, value in result.items():
         if not isinstance(key, str):
             raise DataError(f"{where} returned a dict with the key {key!r}; keys are strings")
-        rows[key] = _rows(where, key, value)
+        rows[key] = rows_of(key, value, owner=f"the output of {where}")
     counts = set(rows.values())
     if len(counts) > 1:
         detail = ", ".join(f"{k}: {n}" for k, n in rows.items())
@@ -54,22 +55,6 @@ def check_batch(where: str, result: Any, rows_in: int) -> None:
             f"{where} returned {count} rows for a batch of {rows_in} samples; return one "
             "row per sample (or the same number for each, e.g. several answers per prompt)"
         )
-
-
-def _rows(where: str, key: str, value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            raise DataError(
-                f"{where} returned key {key!r} as a 0-dim tensor; a batch value needs one "
-                f"entry per sample: a tensor of shape [batch, ...] (e.g. x.expand(n)) or a list"
-            )
-        return value.shape[0]
-    if isinstance(value, list | tuple):
-        return len(value)
-    raise DataError(
-        f"{where} returned key {key!r} as a {type(value).__name__} ({_short(value)}); a "
-        "batch value is a tensor [batch, ...] or a list with one entry per sample"
-    )
 
 
 def metrics(where: str, result: Any) -> dict[str, float]:
