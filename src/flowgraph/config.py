@@ -292,6 +292,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, str | int | float | bool | None):
+                continue  # unhashable: SafeLoader's own construct_mapping reports it
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None,

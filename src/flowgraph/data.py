@@ -11,6 +11,7 @@ A batch is a ``dict[str, Tensor | list]`` whose values all have the same length 
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -84,10 +85,9 @@ def rows_of(key: str, value: Any, owner: str = "batch") -> int:
         return value.shape[0]
     if isinstance(value, list | tuple):
         return len(value)
-    text = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     raise DataError(
-        f"{owner}: key {key!r} holds a {type(value).__name__} ({text}); a batch value is a "
-        "tensor [batch, ...] or a list with one entry per sample"
+        f"{owner}: key {key!r} holds a {type(value).__name__} ({short_repr(value)}); a batch "
+        "value is a tensor [batch, ...] or a list with one entry per sample"
     )
 
 
@@ -199,46 +199,69 @@ def _equal(a: Any, b: Any, check_values: bool = True) -> bool:
         return False
 
 
-def _kind(value: Any) -> str:
-    """The family a sample value belongs to: values of one key must share it."""
+def schema_problem(data: Mapping[str, Any], schema: Mapping[str, type | tuple]) -> str | None:
+    """The first key of ``schema`` that ``data`` lacks or holds with another type
+    (``"'history' is missing"``, ``"'episode' is a str"``), or None. Booleans do not pass
+    for numbers.
+
+    >>> schema_problem({"episode": "2"}, {"episode": int})
+    "'episode' is a str"
+    """
+    for key, kind in schema.items():
+        value = data.get(key)
+        if key not in data:
+            return f"{key!r} is missing"
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} is a {type(value).__name__}"
+    return None
+
+
+def short_repr(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str | None:
+    """The family a sample value belongs to (values of one key must share it), or None
+    for values any family may hold (None, dicts, other objects: they collate as lists)."""
     if isinstance(value, torch.Tensor):
-        return f"tensor ({value.dtype}, {value.dim()}-dim)"
-    if isinstance(value, bool | int | float):
+        return f"{value.dim()}-dim tensor"
+    if isinstance(value, bool | numbers.Number):  # NumPy scalars too (pandas, Parquet)
         return "number"
     if isinstance(value, str):
         return "str"
     if isinstance(value, list | tuple):
         return "list"
-    return type(value).__name__
+    return None
 
 
 def check_schema(samples: Sequence[Mapping[str, Any]], what: str = "dataset") -> None:
-    """Every sample has sample 0's keys, each holding the same kind of value (tensors of
-    one dtype and rank, numbers, strings or lists); the first one that does not is named
-    with its index. ``None`` and other objects are refused."""
+    """Every sample has sample 0's keys, and a key holds one family of values throughout
+    (tensors of one rank, numbers, strings or lists; None or a dict may stand anywhere);
+    the first sample that breaks this is named with its index."""
     first = samples[0]
-    kinds = {key: _kind(value) for key, value in first.items()}
+    kinds: dict[str, str | None] = {key: _kind(value) for key, value in first.items()}
+    origin = dict.fromkeys(first, 0)
     for index, sample in enumerate(samples):
         if sample.keys() != first.keys():
-            missing, extra = (
-                sorted(first.keys() - sample.keys()),
-                sorted(sample.keys() - first.keys()),
-            )
+            missing = sorted(first.keys() - sample.keys())
+            extra = sorted(sample.keys() - first.keys())
             raise DataError(
                 f"{what} sample {index} has keys {sorted(sample)}, sample 0 has {sorted(first)}"
                 f" (missing {missing}, extra {extra}); every sample needs the same keys"
             )
         for key, value in sample.items():
             kind = _kind(value)
-            if kind not in ("number", "str", "list") and not kind.startswith("tensor"):
+            if kind is None:
+                continue
+            if kinds[key] is None:
+                kinds[key], origin[key] = kind, index
+            elif kind != kinds[key]:
                 raise DataError(
-                    f"{what} sample {index} key {key!r} holds a {kind}; sample values are "
-                    "tensors, numbers, strings or lists"
-                )
-            if kind != kinds[key]:
-                raise DataError(
-                    f"{what} sample {index} key {key!r} holds a {kind}, sample 0's a "
-                    f"{kinds[key]}; one key holds one kind of value in every sample"
+                    f"{what} sample {index} key {key!r} holds a {kind} ({type(value).__name__}), "
+                    f"sample {origin[key]}'s a {kinds[key]}; one key holds one kind of value "
+                    "in every sample"
                 )
 
 

@@ -35,7 +35,6 @@ from flowgraph.errors import (
     ConfigError,
     EngineError,
     FlowDefinitionError,
-    PlanError,
     did_you_mean,
 )
 from flowgraph.module import BaseModule
@@ -387,16 +386,16 @@ class Engine:
             dataset=Dataset(self.samples, seed=seed),
             eval_dataset=Dataset(self.evaluator.samples, seed=seed) if self.evaluator else None,
             post_process=self.evaluator.post_process if self.evaluator else None,
+            on_setup=self._mark_learned,
         )
         if self.evaluator is not None:
             self._warn_if_never_evaluated(config)
         check_directories(config.runtime)
+        return launch.run(job, lambda cluster: compile_plan(program, config, cluster))
+
+    def _mark_learned(self) -> None:
+        """From the first setup() on, the modules are this run's: learn() does not repeat."""
         self.learned = True
-        try:
-            return launch.run(job, lambda cluster: compile_plan(program, config, cluster))
-        except PlanError:  # raised while planning, before any model was set up
-            self.learned = False
-            raise
 
     @staticmethod
     def _warn_if_never_evaluated(config: Config) -> None:
@@ -411,7 +410,7 @@ class Engine:
 def _caller_line(script: str) -> str:
     """``train.py:40``: the line of ``script`` on the current stack (the learn() call)."""
     for frame in reversed(traceback.extract_stack()):
-        if os.path.abspath(frame.filename) == script:
+        if os.path.realpath(frame.filename) == script:
             return f"{os.path.basename(script)}:{frame.lineno}"
     return os.path.basename(script)
 

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 import traceback
@@ -63,7 +64,7 @@ def _run_script(path: Path) -> dict[str, Any]:
     become one ``EngineError`` naming the script's line (flowgraph's errors stay)."""
     script_dir = str(path.resolve().parent)
     sys.path.insert(0, script_dir)  # scripts import their neighbours, as `python x.py` allows
-    token = engine_module.IMPORTING.set(str(path.resolve()))
+    token = engine_module.IMPORTING.set(os.path.realpath(path))
     try:
         return runpy.run_path(str(path), run_name="__flowc__")
     except FlowgraphError:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from flowgraph.config import Config, ModelConfig, RuntimeConfig, current_config
-from flowgraph.errors import EngineError, PlanError
+from flowgraph.errors import EngineError, FlowgraphError, PlanError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # Public methods of the framework's own API: never recorded as model calls.
@@ -233,6 +233,8 @@ class BaseModule:
                 return {}
             network = getattr(network, "module", network)
             return dict(network.named_parameters())
+        except FlowgraphError:
+            raise  # already names the key to fix (e.g. a flowgraph.rl module's args)
         except Exception as err:
             name = getattr(self, "name", type(self).__name__)
             raise PlanError(

@@ -15,13 +15,20 @@ from pathlib import Path
 PANELS = (("reward", ("reward", "score")), ("KL", ("kl",)), ("loss", ("loss",)))
 
 
-RECORD_KEYS = {"episode": int, "samples": int, "seconds": float, "stages": dict, "metrics": dict}
+RECORD_KEYS = {
+    "episode": int,
+    "samples": int,
+    "seconds": (int, float),
+    "stages": dict,
+    "metrics": dict,
+}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The episode records of a ``metrics.jsonl`` file, in order. A last line without its
     newline is one a running job is writing: left out. A line that is not an episode
     record is an error naming the file and line."""
+    from flowgraph.data import schema_problem
     from flowgraph.errors import DataError
 
     text = Path(path).read_text()
@@ -36,10 +43,7 @@ def read_metrics(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             record = None
-        if not isinstance(record, dict) or any(
-            not isinstance(record.get(k), kind) and not (kind is float and isinstance(
-                record.get(k), int)) for k, kind in RECORD_KEYS.items()
-        ):  # fmt: skip
+        if not isinstance(record, dict) or schema_problem(record, RECORD_KEYS):
             raise DataError(
                 f"{path}:{number} is not an episode record of flowgraph (JSON with "
                 f"{', '.join(RECORD_KEYS)}): {line[:60]!r}; point flowc report at a run's "

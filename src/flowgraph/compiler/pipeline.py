@@ -191,7 +191,7 @@ def compare_on_policy(ctx: CompileContext) -> None:
     async_s = ctx.simulation.estimates.episode_s
     lines = [f"max_staleness={k}: {format_seconds(async_s)} per episode; on-policy "
              f"(max_staleness=0) on this layout {_versus(same, async_s)}"]  # fmt: skip
-    if ctx.notes and ctx.cluster.world_size > 1:  # auto placement compared layouts
+    if any(note.startswith("auto placement compared") for note in ctx.notes):
         best = CompileContext(ctx.program, on_policy, ctx.cluster, ctx.specs)
         place_models(best)
         schedule_streams(best)

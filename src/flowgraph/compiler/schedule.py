@@ -211,7 +211,7 @@ def _check_stale_env(env: PhaseSpec | None, trainer: PhaseSpec | None, k: int) -
     called there would generate with weights newer than the episode's version."""
     if env is None or trainer is None:
         return
-    trained = set(trainer.models())
+    trained = {n.model for n in trainer.nodes if n.trains}
     for node in env.nodes:
         if node.model in trained:
             raise PlanError(

@@ -126,6 +126,7 @@ class GPTModule(TorchModule):
     """Common ground of the ready modules: settings, tokenizer and network from ``args``."""
 
     network = TinyGPT
+    extra_args: frozenset[str] = frozenset()  # a subclass's own args beyond KNOWN_ARGS
 
     def arg(self, key: str, default: Any) -> Any:
         """``models.<name>.args.<key>``, or ``default``; of the default's type."""
@@ -135,12 +136,13 @@ class GPTModule(TorchModule):
     def check_args(self) -> None:
         """Every key of ``args`` is one the ready modules read (a typo is an error, not a
         silently ignored setting)."""
+        known = KNOWN_ARGS | self.extra_args
         for key in self.model_config.args:
-            if key not in KNOWN_ARGS:
-                known = ", ".join(sorted(KNOWN_ARGS))
+            if key not in known:
                 raise ConfigError(
-                    f"models.{self.name}.args.{key}: unknown argument of the flowgraph.rl "
-                    f"modules; {did_you_mean(key, KNOWN_ARGS)}known: {known}"
+                    f"models.{self.name}.args.{key}: unknown argument of {type(self).__name__}; "
+                    f"{did_you_mean(key, known)}known: {', '.join(sorted(known))} (a subclass "
+                    "reading its own args lists them in extra_args)"
                 )
 
     @property

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from flowgraph.data import schema_problem
 from flowgraph.errors import CheckpointError
 
 log = logging.getLogger("flowgraph")
@@ -246,12 +247,8 @@ def _damage(path: Path) -> str | None:
 def foreign_meta(path: Path, meta: dict[str, Any], schema: dict[str, type]) -> str | None:
     """Why ``meta`` (``path``'s meta.json) is not the metadata ``schema`` describes (keys
     and the types of their values), or ``None``."""
-    for key, kind in schema.items():
-        value = meta.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            got = "missing" if key not in meta else f"a {type(value).__name__}"
-            return f"{path / 'meta.json'}: {key!r} is {got}, not flowgraph's metadata"
-    return None
+    problem = schema_problem(meta, schema)
+    return f"{path / 'meta.json'}: {problem}, not flowgraph's metadata" if problem else None
 
 
 def check_compatible(

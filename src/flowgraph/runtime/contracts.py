@@ -21,17 +21,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from flowgraph.data import rows_of
+from flowgraph.data import rows_of, short_repr
 from flowgraph.errors import DataError
 
 
 def check_batch(where: str, result: Any, rows_in: int) -> None:
     """``result`` of a model call ``where`` (``"reward.forward_step (train.py:41)"``) on
-    ``rows_in`` samples: a dict whose every value has one entry per row (the same number
-    for every key, ``rows_in`` or a multiple of it: a policy may answer each prompt
-    several times)."""
+    ``rows_in`` samples: a dict whose every value has one entry per row, the same number
+    for every key (it may differ from ``rows_in``: a policy may answer each prompt several
+    times, a filter may drop rows)."""
     if not isinstance(result, Mapping):
         raise DataError(
             f"{where} returned a {type(result).__name__}; a model call in a flow must "
@@ -49,12 +47,6 @@ def check_batch(where: str, result: Any, rows_in: int) -> None:
             f"{where} returned keys with different numbers of rows ({detail}); every key "
             "needs one entry per sample"
         )
-    count = counts.pop() if counts else rows_in
-    if rows_in and (count == 0 or count % rows_in):
-        raise DataError(
-            f"{where} returned {count} rows for a batch of {rows_in} samples; return one "
-            "row per sample (or the same number for each, e.g. several answers per prompt)"
-        )
 
 
 def metrics(where: str, result: Any) -> dict[str, float]:
@@ -69,29 +61,30 @@ def metrics(where: str, result: Any) -> dict[str, float]:
         )
     numbers = {}
     for key, value in result.items():
-        number = _number(value)
-        if number is None:
+        converted = number(value)
+        if converted is None:
             raise DataError(
-                f"{where} returned metric {key!r} = {_short(value)} (a {type(value).__name__}); "
-                "a metric is a number or a one-element tensor: log other values yourself"
+                f"{where} returned metric {key!r} = {short_repr(value)} (a "
+                f"{type(value).__name__}); a metric is a number or a one-element tensor: log "
+                "other values yourself"
             )
-        numbers[str(key)] = number
+        numbers[str(key)] = converted
     return numbers
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
+    """``value`` as a float when it is one number (a Python number, a one-element tensor
+    or NumPy array/scalar), else None."""
     if isinstance(value, bool | int | float):
         return float(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value.detach().item())
+    size = getattr(value, "numel", getattr(value, "size", None))
+    size = size() if callable(size) else size
+    if size == 1 and hasattr(value, "item"):
+        item = value.item()
+        return float(item) if isinstance(item, bool | int | float) else None
     return None
 
 
 def non_finite(values: Mapping[str, float]) -> list[str]:
     """The keys of ``values`` that are NaN or infinite."""
     return [k for k, v in values.items() if not math.isfinite(v)]
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

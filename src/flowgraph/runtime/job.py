@@ -28,6 +28,7 @@ class Job:
     eval_dataset: Dataset | None = None
     post_process: Callable[[list[Batch]], Mapping[str, Any]] | None = None
     log: Callable[[str], None] = print
+    on_setup: Callable[[], None] = lambda: None  # called before the first model's setup()
 
     def precisions(self, device_type: str) -> dict[str, str]:
         """Every model's precision on ``device_type``, ``auto`` resolved (``fp32``, ...)."""

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ from flowgraph.runtime.rng import reseed
 from flowgraph.runtime.sync import CrossSync, SyncPlan
 from flowgraph.runtime.telemetry import EpisodeRecord, MetricAverager, Reporter, StageTimer
 from flowgraph.runtime.timeline import Timeline, write_trace
+
+log = logging.getLogger("flowgraph")
 
 
 @dataclass
@@ -73,6 +76,9 @@ class EpisodeLoop:
         self.rank = comm.rank
         self.mesh = {p.model: p.ranks for p in plan.placement}
         self.staleness = self.runtime.max_staleness if "env" in plan.phases else 0
+        env_models = plan.phases["env"].models() if "env" in plan.phases else []
+        self.generators = [s.dst for s in plan.syncs if s.dst in env_models]
+        self.held = dict.fromkeys(self.generators, 0)  # the episode each env copy holds
         self.in_flight: dict[int, Episode] = {}  # generated, not yet trained (<= k + 1)
         self.hosted = Hosted(device_type=comm.device.type)
         self.precisions = job.precisions(comm.device.type)
@@ -99,14 +105,27 @@ class EpisodeLoop:
         )
 
     def rollout_columns(self, episode: int) -> dict[str, int]:
-        """What the training rows of ``episode`` carry: ``weight_version``, the trained
-        weights that generated them, and ``staleness``, how many episodes older they are
-        than the trainer that learns from them (none without parameter syncs)."""
-        if not self.plan.syncs or "env" not in self.plan.phases:
+        """What the training rows of ``episode``, generated now, carry: ``weight_version``,
+        the trained weights its env flow's copies hold (the oldest of them), and
+        ``staleness``, how many episodes older those are than the trainer learning from
+        them (none when no copy the env flow calls receives syncs)."""
+        if not self.generators:
             return {}
-        frequencies = [self.job.config.model(s.dst).sync_frequency for s in self.plan.syncs]
-        version = weight_version(episode, self.staleness, frequencies)
+        version = min(self.held[dst] for dst in self.generators)
+        frequencies = [self.job.config.model(dst).sync_frequency for dst in self.generators]
+        expected = weight_version(episode, self.staleness, frequencies)
+        if version != expected and self.rank == 0:
+            log.warning(
+                "flowgraph: episode %d is generated with the weights of episode %d, not %d as "
+                "runtime.max_staleness=%d prescribes: the checkpoint this run resumed from did "
+                "not hold the episodes generated ahead (another max_staleness, or a finished "
+                "run extended)", episode, version, expected, self.staleness,
+            )  # fmt: skip
         return {"weight_version": version, "staleness": episode - 1 - version}
+
+    def _synced(self, pairs: frozenset[tuple[str, str]], episode: int) -> None:
+        """The copies that received ``episode``'s trained weights."""
+        self.held.update({dst: episode for _, dst in pairs if dst in self.held})
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> list[EpisodeRecord]:
@@ -115,6 +134,9 @@ class EpisodeLoop:
         start, history = self.checkpoints.restore(trainable=True)
         self.interpreter.run_phase("sync", self._new_episode(0, ()))  # inference from trainers
         self.checkpoints.restore(trainable=False)
+        for dst in self.held:  # the initial sync, or the copy's own saved weights
+            frequency = self.job.config.model(dst).sync_frequency
+            self.held[dst] = max((u for u in range(start, 0, -1) if u % frequency == 0), default=0)
         self.in_flight = self._restored_rollouts(self.checkpoints.restore_in_flight())
         if self.rank == 0:
             self.history = history
@@ -171,6 +193,7 @@ class EpisodeLoop:
         if data.syncs:
             with iteration.timer.stage("sync"):
                 self.interpreter.run_phase("sync", data)
+            self._synced(data.syncs, episode)
         evaluated = self._evaluate(episode, iteration) if self.eval_due(episode) else {}
         record = iteration.record(episode, self.runtime.num_episode)
         record.samples = sum(batch_size(mb) for mb in data.inputs["env"])
@@ -202,14 +225,16 @@ class EpisodeLoop:
                            f"after episode {episode}", err)  # fmt: skip
         return {f"eval/{k}": v for k, v in evaluated.items()}
 
-    def _restored_rollouts(self, outputs: dict[int, dict[int, Batch]]) -> dict[int, Episode]:
+    def _restored_rollouts(self, saved: dict[int, dict]) -> dict[int, Episode]:
         """The generated but untrained episodes a checkpoint held, as episodes again (the
-        prompts are a function of the episode; the outputs were saved)."""
+        prompts are a function of the episode; the outputs and columns were saved), their
+        tensors on this rank's device."""
         restored = {}
-        for episode, gathered in outputs.items():
+        for episode, entry in saved.items():
             data = self._new_episode(episode, ("env",))
-            data.outputs["env"] = gathered
-            data.columns = self.rollout_columns(episode)
+            data.outputs["env"] = {k: _on(self.comm.device, batch)
+                                   for k, batch in entry.get("outputs", {}).items()}  # fmt: skip
+            data.columns = dict(entry.get("columns", {}))
             restored[episode] = data
         return restored
 
@@ -230,7 +255,8 @@ class EpisodeLoop:
         record.metrics.update({k: sum(v) / len(v) for k, v in sums.items()})
         if record.episode > 0 and self.checkpoints.due(record.episode):
             synced = {dst for _, dst in self.due_syncs(record.episode)}
-            in_flight = {e: d.outputs.get("env", {}) for e, d in self.in_flight.items()}
+            in_flight = {e: {"outputs": d.outputs.get("env", {}), "columns": d.columns}
+                         for e, d in self.in_flight.items()}  # fmt: skip
             self.checkpoints.save(record, self.history, synced, in_flight)
         if self.rank == 0:
             self.history.append(record)
@@ -240,6 +266,7 @@ class EpisodeLoop:
     def setup(self) -> None:
         """Set up the models this rank hosts and what the plan's instructions need."""
         self.comm.new_groups(self._rank_sets())
+        self.job.on_setup()
         trainers = {p.model for p in self.plan.placement if p.role == "trainer"}
         for name, module in self.job.modules.items():
             module.config = self.job.config
@@ -308,3 +335,8 @@ class EpisodeLoop:
             ):
                 module.model = network.module  # unwrap DDP before its group goes away
         self.comm.barrier()
+
+
+def _on(device: torch.device, batch: Batch) -> Batch:
+    """``batch`` with its tensors on ``device`` (checkpoints load onto the CPU)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -18,9 +18,9 @@ import logging
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 from flowgraph.compiler.plan import Plan
-from flowgraph.data import Batch
 from flowgraph.errors import CheckpointError
 from flowgraph.module import BaseModule, DeepSpeedModule
 from flowgraph.runtime.checkpoint import (
@@ -91,10 +91,12 @@ class RunCheckpoints:
                 runtime.checkpoint_dir, runtime.max_checkpoints, self.rank, self.world_size,
                 comm.barrier, runtime.checkpoint_checksums,
             )  # fmt: skip
-        self.trainer_ranks = sorted({r for p in plan.placement if p.role == "trainer"
-                                     for r in p.ranks})  # fmt: skip
-        # every trainer rank holds the whole env output: the first one writes what is in flight
-        self.in_flight_writer = self.trainer_ranks[0] if self.trainer_ranks else 0
+        # The ranks the env output is gathered on hold all of it: the first one writes what
+        # is in flight, and all of them read it back.
+        gathers = [i for s in plan.streams for i in s.instructions
+                   if i.op == "GATHER" and i.phase == "env"]  # fmt: skip
+        self.gathering = sorted({r for i in gathers for r in i.dst_ranks})
+        self.in_flight_writer = self.gathering[0] if self.gathering else 0
         self.fingerprint = flow_fingerprint(plan)
         self.precisions = job.precisions(comm.device.type)
         self.resumed: Checkpoint | None = None
@@ -128,10 +130,11 @@ class RunCheckpoints:
         record: EpisodeRecord,
         history: list[EpisodeRecord],
         synced: Collection[str],
-        in_flight: Mapping[int, Mapping[int, Batch]] | None = None,
+        in_flight: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> Path:
         """Checkpoint after ``record``'s episode (``history``: the records before it;
-        ``synced``: the models its sync wrote into; ``in_flight``: the env outputs of the
+        ``synced``: the models its sync wrote into; ``in_flight``: the env outputs (and the
+        rows' columns) of the
         episodes generated but not yet trained, by episode, as this rank holds them);
         the time it takes goes into the record's ``checkpoint`` stage."""
         start = time.perf_counter()
@@ -195,8 +198,11 @@ class RunCheckpoints:
             module = self.job.modules[name]
             if self.hosted(name) and not _per_rank(module):
                 states[name] = checkpoint.load(f"model_{name}.pt")
-        if IN_FLIGHT in checkpoint.meta["files"] and self.rank in self.trainer_ranks:
-            states["in_flight"] = checkpoint.load(IN_FLIGHT)
+        if IN_FLIGHT in checkpoint.meta["files"] and self.rank in self.gathering:
+            try:  # unreadable: those episodes are generated again, the checkpoint still serves
+                states["in_flight"] = checkpoint.load(IN_FLIGHT)
+            except Exception as err:  # noqa: BLE001
+                states["in_flight_problem"] = f"{type(err).__name__}: {err}"
         own = f"rng_rank{self.rank}.pt"
         if own in checkpoint.meta["files"]:
             states["rng"] = checkpoint.load(own)
@@ -215,20 +221,26 @@ class RunCheckpoints:
                 "or start afresh with runtime.resume=false or another runtime.checkpoint_dir"
             ) from err
 
-    def restore_in_flight(self) -> dict[int, dict[int, Batch]]:
-        """The generated but untrained episodes of the resumed checkpoint: their env
-        outputs on the ranks that train on them, ``{}`` on the others (every rank learns
-        which episodes not to generate again). Nothing when the checkpoint was written
-        with another ``runtime.max_staleness`` (those episodes are generated afresh)."""
+    def restore_in_flight(self) -> dict[int, dict]:
+        """The generated but untrained episodes of the resumed checkpoint, by episode:
+        ``{"outputs": ..., "columns": ...}`` on the ranks that train on them, ``{}`` on the
+        others (every rank learns which episodes not to generate again). Nothing, on every
+        rank, when the checkpoint was written with another ``runtime.max_staleness`` or a
+        rank cannot read them (those episodes are generated afresh, with a warning)."""
         checkpoint = self.resumed
         if checkpoint is None or not checkpoint.meta.get("in_flight"):
             return {}
+        mine = self.states.pop("in_flight_problem", None)
+        problems = [p for p in self.comm.all_gather_objects(mine) if p]
         saved_k = checkpoint.meta["config"]["runtime"].get("max_staleness", 0)
-        if saved_k != self.job.config.runtime.max_staleness:
+        if problems or saved_k != self.job.config.runtime.max_staleness:
+            if problems and self.rank == 0:
+                log.warning("flowgraph: %s of %s cannot be read (%s); the episodes it held are "
+                            "generated again", IN_FLIGHT, checkpoint.path, problems[0])  # fmt: skip
             return {}
         episodes = [int(e) for e in checkpoint.meta["in_flight"]]
-        outputs = self.states.pop("in_flight", {})
-        return {e: outputs.get(e, {}) for e in episodes}
+        saved = self.states.pop("in_flight", {})
+        return {e: saved.get(e, {}) for e in episodes}
 
     def restore(self, trainable: bool) -> tuple[int, list[EpisodeRecord]]:
         """Load the resumed checkpoint's trainable (or inference) models hosted here;

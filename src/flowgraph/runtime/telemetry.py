@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from flowgraph.config import RuntimeConfig
+from flowgraph.runtime import contracts
 
 logger = logging.getLogger("flowgraph")
 
@@ -53,23 +54,13 @@ class MetricAverager:
 
     def add(self, model: str, metrics: Mapping[str, Any] | None) -> None:
         for key, value in (metrics or {}).items():
-            number = _as_number(value)
+            number = contracts.number(value)
             if number is not None:
                 self._sums[f"{model}/{key}"] += number
                 self._counts[f"{model}/{key}"] += 1
 
     def means(self) -> dict[str, float]:
         return {k: self._sums[k] / self._counts[k] for k in self._sums}
-
-
-def _as_number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, int | float):
-        return float(value)
-    if hasattr(value, "numel") and value.numel() == 1:
-        return float(value.item())
-    return None
 
 
 @dataclass
