@@ -366,8 +366,8 @@ def test_parameter_sync_shape_mismatch_names_both_shapes():
     ("samples", "fragment"),
     [
         ([], "Engine dataset is empty"),
-        ({"prompt": "hi"}, "must be a list of samples (dicts or strings), got dict"),
-        ("hello", "must be a list of samples (dicts or strings), got str"),
+        ({"prompt": "hi"}, "list of samples (dicts or strings) or a dataset file's path, got dict"),
+        ("hello", "Engine dataset 'hello' does not exist; to train on strings pass a list"),
         ((s for s in ["a"]), "got generator"),
         (["ok", 3], "dataset sample 1 is a int"),
     ],

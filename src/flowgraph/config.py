@@ -97,6 +97,17 @@ class RuntimeConfig(BaseModel):
         60.0, gt=0, description="Seconds before a silent rank is reported as stuck."
     )
     log_dir: str | None = Field(None, description="Where metrics.jsonl is written.")
+    data_path: str | None = Field(
+        None,
+        description="Train on this dataset file (.jsonl, .json, .parquet, .csv) or "
+        "datasets.save_to_disk directory instead of what the script passed to "
+        "Engine.set_dataset; memory-mapped, not loaded per rank.",
+    )
+    eval_data_path: str | None = Field(
+        None,
+        description="Evaluate on this dataset file or directory instead of what the script "
+        "passed to Evaluator.set_dataset (needs an Evaluator).",
+    )
     prompt_length: int = Field(
         512, ge=1, description="Tokens per prompt, for the compiler's cost model."
     )

@@ -12,15 +12,18 @@ A batch is a ``dict[str, Tensor | list]`` whose values all have the same length 
 from __future__ import annotations
 
 import numbers
+import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from flowgraph.datafiles import check_path, is_path, open_rows
 from flowgraph.errors import BatchMergeError, DataError
 
 Batch = dict[str, Any]
+DataSource = Sequence[Any] | str | os.PathLike  # samples, or a dataset file's path
 
 
 def to_sample(item: Any, index: int) -> dict[str, Any]:
@@ -236,6 +239,32 @@ def _kind(value: Any) -> str | None:
     return None
 
 
+def checked_source(samples: DataSource, what: str) -> DataSource:
+    """``samples`` after the checks that are cheap at the user's ``set_dataset`` line: a
+    list's samples and schema, a path's existence and format (the file is opened when the
+    run starts)."""
+    if is_path(samples):
+        check_path(samples, what)
+    else:
+        _sample_list(samples, what)
+    return samples
+
+
+def _sample_list(samples: Any, what: str) -> list[dict[str, Any]]:
+    """A list of dicts or strings as checked sample dicts."""
+    if isinstance(samples, bytes | Mapping) or not isinstance(samples, Sequence):
+        raise DataError(
+            f"{what} must be a list of samples (dicts or strings) or a dataset file's path, "
+            f"got {type(samples).__name__}; e.g. set_dataset([{{'prompt': 'hi'}}, ...]) or "
+            "set_dataset('prompts.jsonl')"
+        )
+    if len(samples) == 0:
+        raise DataError(f"{what} is empty; pass at least one sample")
+    rows = [to_sample(item, i) for i, item in enumerate(samples)]
+    check_schema(rows, what)
+    return rows
+
+
 def check_schema(samples: Sequence[Mapping[str, Any]], what: str = "dataset") -> None:
     """Every sample has sample 0's keys, and a key holds one family of values throughout
     (tensors of one rank, numbers, strings or lists; None or a dict may stand anywhere);
@@ -266,8 +295,13 @@ def check_schema(samples: Sequence[Mapping[str, Any]], what: str = "dataset") ->
 
 
 class Dataset:
-    """A user's sample list, drawn from in a seeded order that depends only on
+    """A user's samples, drawn from in a seeded order that depends only on
     ``(seed, position)``: the same samples on every rank and after a resume.
+
+    ``samples`` is a list of dicts or strings, or the path of a dataset file (``.jsonl``,
+    ``.json``, ``.parquet``, ``.csv``) or ``datasets.save_to_disk`` directory, which is
+    memory-mapped and decoded row by row (``flowgraph.datafiles``); a file and the list of
+    its rows give the same draws.
 
     Example::
 
@@ -277,20 +311,19 @@ class Dataset:
     """
 
     def __init__(self, samples: Any, seed: int, what: str = "dataset") -> None:
-        if isinstance(samples, str | bytes | Mapping) or not isinstance(samples, Sequence):
-            raise DataError(
-                f"{what} must be a list of samples (dicts or strings), "
-                f"got {type(samples).__name__}; e.g. set_dataset([{{'prompt': 'hi'}}, ...])"
-            )
-        if len(samples) == 0:
-            raise DataError(f"{what} is empty; pass at least one sample")
-        self.samples = [to_sample(item, i) for i, item in enumerate(samples)]
-        check_schema(self.samples, what)
+        self.source = str(samples) if is_path(samples) else "a list"
+        if is_path(samples):
+            self.samples: Sequence[dict[str, Any]] = open_rows(samples, what)
+        else:
+            self.samples = _sample_list(samples, what)
         self.seed = seed
         self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def __str__(self) -> str:
+        return f"Dataset({len(self)} samples from {self.source})"
 
     def _order(self, data_epoch: int) -> list[int]:
         if data_epoch not in self._orders:
@@ -326,13 +359,8 @@ class StreamDataset:
         return f"StreamDataset({self.size} samples, keys={sorted(self.batch)})"
 
     def global_batches(self, global_size: int, seed: int, epoch: int) -> Iterator[Batch]:
-        """Shuffled batches of ``global_size`` samples; an incomplete last one is dropped."""
-        if self.size < global_size:
-            raise DataError(
-                f"the episode produced {self.size} samples but one optimizer step needs "
-                f"train_global_batch_size={global_size}; lower train_global_batch_size or "
-                "raise sample_per_episode"
-            )
+        """Shuffled batches of ``global_size`` samples; an incomplete last one is dropped
+        (an env flow that drops rows, e.g. DAPO's filter, may leave none)."""
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         for start in range(0, self.size - global_size + 1, global_size):

@@ -30,7 +30,7 @@ from flowgraph.compiler.pipeline import ModelFacts, Program, compile_plan
 from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
 from flowgraph.config import Config, check_directories, current_config
-from flowgraph.data import Batch, Dataset
+from flowgraph.data import Batch, Dataset, DataSource, checked_source
 from flowgraph.errors import (
     ConfigError,
     EngineError,
@@ -138,10 +138,11 @@ class Evaluator(_FlowHolder):
         if post_process is not None:
             self.post_process = post_process  # type: ignore[method-assign]
 
-    def set_dataset(self, samples: list[Any]) -> Evaluator:
-        """Use ``samples`` (dicts or strings) as the evaluation set; returns ``self``."""
-        Dataset(samples, seed=0, what="Evaluator dataset")  # validate now, at the user's line
-        self.samples = samples
+    def set_dataset(self, samples: DataSource) -> Evaluator:
+        """Use ``samples`` (dicts or strings, or a dataset file's path, as for
+        ``Engine.set_dataset``) as the evaluation set; returns ``self``.
+        ``runtime.eval_data_path`` overrides it."""
+        self.samples = checked_source(samples, "Evaluator dataset")
         return self
 
     def post_process(self, results: list[Batch]) -> dict[str, Any]:
@@ -220,10 +221,18 @@ class Engine:
         self._adopt(evaluator.traced)
         return self
 
-    def set_dataset(self, samples: list[Any]) -> Engine:
-        """Train on ``samples``: a list of dicts (str -> tensor, number, str, list) or strs."""
-        Dataset(samples, seed=0, what="Engine dataset")  # validate now, at the user's line
-        self.samples = samples
+    def set_dataset(self, samples: DataSource) -> Engine:
+        """Train on ``samples``: a list of dicts (str -> tensor, number, str, list) or
+        strs, or the path of a dataset file (``.jsonl``, ``.json``, ``.parquet``,
+        ``.csv``) or ``datasets.save_to_disk`` directory, memory-mapped when the run
+        starts. ``runtime.data_path`` overrides it.
+
+        Example::
+
+            engine.set_dataset("prompts.jsonl")        # {"prompt": ...} per line
+            engine.set_dataset([{"prompt": "1+1="}])  # or the rows themselves
+        """
+        self.samples = checked_source(samples, "Engine dataset")
         return self
 
     def set_parameter_sync(self, src: BaseModule, dst: BaseModule) -> Engine:
@@ -281,6 +290,7 @@ class Engine:
         """What the compiler needs: graphs, plain facts about every model, syncs."""
         self.check_config(config)
         trainable = set(self.trainable_models(config))
+        eval_data = self._eval_data(config, required=False)
         return Program(
             graphs=self.graphs(),
             models={
@@ -288,7 +298,7 @@ class Engine:
                 for name, module in self.modules.items()
             },  # fmt: skip
             syncs=tuple((src.name, dst.name) for src, dst in self.syncs),
-            eval_samples=len(self.evaluator.samples or []) if self.evaluator else 0,
+            eval_samples=len(eval_data) if eval_data else 0,
         )
 
     def compile(self, cluster: ClusterSpec, config: Config | None = None) -> Plan:
@@ -312,6 +322,11 @@ class Engine:
                     f"{did_you_mean(name, self.modules)}"
                     f"its models are: {', '.join(self.modules)}"
                 )
+        if config.runtime.eval_data_path and self.evaluator is None:
+            raise ConfigError(
+                "runtime.eval_data_path is set, but this Engine has no Evaluator to run on it: "
+                "remove the setting, or pass Engine(env, trainer, Evaluator(eval_flow))"
+            )
         for name, source in self._trained_by_flow().items():
             if config.model(name).trainable is False:
                 raise ConfigError(
@@ -372,19 +387,20 @@ class Engine:
             )
         config = current_config()
         self.check_config(config)
-        if self.samples is None:
-            raise EngineError("no training data: call engine.set_dataset(train_prompts) first")
-        if self.evaluator is not None and self.evaluator.samples is None:
+        train_source = config.runtime.data_path or self.samples
+        if train_source is None:
             raise EngineError(
-                "the Evaluator has no dataset: Evaluator(eval_flow).set_dataset(val_prompts)"
+                "no training data: call engine.set_dataset(train_prompts) first, or set "
+                "runtime.data_path=FILE"
             )
         program = self.program(config)
         seed = config.runtime.seed
+        what = "runtime.data_path" if config.runtime.data_path else "Engine dataset"
         job = Job(
             config=config,
             modules=self.modules,
-            dataset=Dataset(self.samples, seed=seed),
-            eval_dataset=Dataset(self.evaluator.samples, seed=seed) if self.evaluator else None,
+            dataset=Dataset(train_source, seed=seed, what=what),
+            eval_dataset=self._eval_data(config),
             post_process=self.evaluator.post_process if self.evaluator else None,
             on_setup=self._mark_learned,
         )
@@ -392,6 +408,22 @@ class Engine:
             self._warn_if_never_evaluated(config)
         check_directories(config.runtime)
         return launch.run(job, lambda cluster: compile_plan(program, config, cluster))
+
+    def _eval_data(self, config: Config, required: bool = True) -> Dataset | None:
+        """The evaluation set: ``runtime.eval_data_path``, else the Evaluator's own (None
+        without an Evaluator, or, unless ``required``, without a dataset)."""
+        if self.evaluator is None:
+            return None
+        path = config.runtime.eval_data_path
+        if path is None and self.evaluator.samples is None:
+            if not required:
+                return None
+            raise EngineError(
+                "the Evaluator has no dataset: Evaluator(eval_flow).set_dataset(val_prompts), "
+                "or set runtime.eval_data_path=FILE"
+            )
+        what = "runtime.eval_data_path" if path else "Evaluator dataset"
+        return Dataset(path or self.evaluator.samples, seed=config.runtime.seed, what=what)
 
     def _mark_learned(self) -> None:
         """From the first setup() on, the modules are this run's: learn() does not repeat."""

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from flowgraph.compiler.plan import Instruction, PhaseSpec, Plan
-from flowgraph.data import Batch
+from flowgraph.data import Batch, batch_size
 from flowgraph.precision import compute_context
 from flowgraph.runtime.comm import Communicator
 from flowgraph.runtime.episode import training_steps, with_columns
@@ -202,7 +203,24 @@ class Interpreter:
                 data = self.episode.inputs["env"]
             data = [with_columns(mb, self.episode.columns) for mb in data]
             self.episode.steps = training_steps(data, self.runtime, self.episode.number)
+            self._warn_if_filtered(data, len(self.episode.steps))
         return self.episode.steps
+
+    def _warn_if_filtered(self, data: list[Batch], steps: int) -> None:
+        """An env flow that drops rows (a filter, e.g. DAPO's dynamic sampling) can leave
+        fewer full global batches than the config's rows would make: say how many run."""
+        runtime = self.runtime
+        per_epoch = runtime.rows_per_episode // runtime.global_batch_size
+        planned = runtime.num_training_epoch * per_epoch
+        if steps < planned:
+            rows = sum(batch_size(mb) for mb in data)
+            warnings.warn(
+                f"episode {self.episode.number}: the env flow returned {rows} of "
+                f"{runtime.rows_per_episode} rows, so {steps} of {planned} optimizer steps "
+                f"(train_global_batch_size={runtime.global_batch_size}) run; raise "
+                "sample_per_episode to over-sample when a filter drops rows",
+                stacklevel=2,
+            )
 
     # -- instructions ------------------------------------------------------------------
     def _op_train(self, ins: Instruction) -> None:
@@ -210,6 +228,8 @@ class Interpreter:
 
     def _train(self, ins: Instruction) -> None:
         """One node of the trainer flow at one global step, on this rank's share of it."""
+        if ins.step >= len(self._steps()):  # rows filtered out: this step has no batch
+            return
         spec = self._spec("train")
         node = spec.node(ins.node)
         micro = self._steps()[ins.step]
