@@ -17,6 +17,7 @@ sys.path.insert(0, str(HERE))
 import bench_async  # noqa: E402
 import bench_checkpoint  # noqa: E402
 import bench_compile  # noqa: E402
+import bench_data  # noqa: E402
 import bench_gather  # noqa: E402
 import bench_generation  # noqa: E402
 import bench_grpo  # noqa: E402
@@ -47,6 +48,7 @@ def main() -> None:
         + bench_grpo.main()
         + bench_checkpoint.main()
         + bench_async.main()
+        + bench_data.main()
     )
     out = HERE / "out"
     out.mkdir(exist_ok=True)
