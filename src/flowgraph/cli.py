@@ -1,4 +1,4 @@
-"""``flowc``: look at a flowgraph script before launching it.
+"""``flowc``: look at a flowgraph script before launching it, and at a run after it.
 
 flowc trace examples/rlhf_toy.py                          # the traced graphs
 flowc compile examples/rlhf_toy.py --world-size 8         # placement, schedule, estimates
@@ -7,6 +7,7 @@ flowc compile train.py --world-size 8 --json > plan.json  # the plan as JSON
 flowc compile train.py --world-size 8 --dot | dot -Tsvg > graph.svg
 flowc compile train.py --world-size 8 --png gantt.png     # Gantt chart of the schedule
 flowc report runs/ppo                                     # summary, curves, timeline of a run
+flowc export runs/grpo/ckpt --model grpo_policy --out hf/grpo  # a model in Hugging Face format
 """
 
 from __future__ import annotations
@@ -97,7 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="DIR", help="where to draw the PNGs (default RUN_DIR)")
     report.add_argument("--no-plots", action="store_true", help="print the summary only")
     report.set_defaults(run=_report)
+
+    export = commands.add_parser(
+        "export",
+        help="write a trained model of a checkpoint in Hugging Face format",
+        description="Write model NAME of a checkpoint into DIR so that transformers' "
+        "AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) "
+        "load it: config.json, model.safetensors and the tokenizer files. A TinyGPT becomes "
+        "the equivalent GPT2LMHeadModel (the same logits), a Hugging Face policy is saved as "
+        "itself, a DeepSpeed ZeRO trainer's shards are gathered (docs/export.md).",
+    )
+    export.add_argument(
+        "source",
+        metavar="CHECKPOINT_OR_RUN_DIR",
+        help="one episode_* checkpoint, or a run's runtime.checkpoint_dir (its newest "
+        "complete checkpoint)",
+    )
+    export.add_argument(
+        "--model", required=True, metavar="NAME", help="the model, e.g. the trainer grpo_policy"
+    )
+    export.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(run=_export)
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flowgraph.export import export
+
+    print(export(args.source, args.model, args.out, force=args.force))
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

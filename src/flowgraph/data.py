@@ -313,7 +313,10 @@ class Dataset:
     def __init__(self, samples: Any, seed: int, what: str = "dataset") -> None:
         self.source = str(samples) if is_path(samples) else "a list"
         if is_path(samples):
-            self.samples: Sequence[dict[str, Any]] = open_rows(samples, what)
+            rows = open_rows(samples, what)
+            if untyped := rows.untyped_columns():
+                check_schema(untyped, f"{what} {rows.path}")
+            self.samples: Sequence[dict[str, Any]] = rows
         else:
             self.samples = _sample_list(samples, what)
         self.seed = seed

@@ -82,6 +82,21 @@ class FileRows(Sequence):
     def columns(self) -> list[str]:
         return list(self.table.column_names)
 
+    def untyped_columns(self) -> list[dict[str, Any]]:
+        """The values of the columns ``datasets`` could give no single type (its ``Json``
+        feature: numbers in some rows, text in others), as one dict per row ([] when
+        every column has a type); ``flowgraph.data.check_schema`` checks them as it
+        checks a list's samples."""
+        import datasets
+
+        json_feature = getattr(datasets.features, "Json", None)
+        names = [name for name, feature in self.table.features.items()
+                 if json_feature is not None and isinstance(feature, json_feature)]  # fmt: skip
+        if not names:
+            return []
+        columns = zip(*(self.table[name] for name in names), strict=True)
+        return [dict(zip(names, values, strict=True)) for values in columns]
+
     def __str__(self) -> str:
         return f"{self.path} ({len(self)} rows: {', '.join(self.columns)})"
 
@@ -173,20 +188,4 @@ def open_rows(source: str | os.PathLike, what: str = "dataset") -> FileRows:
         rows = FileRows(table, path)
         if len(rows) == 0:
             raise DataError(f"{what} {path} holds no rows; a dataset needs at least one sample")
-        _check_mixed_columns(rows, datasets, what)
     return rows
-
-
-def _check_mixed_columns(rows: FileRows, datasets: Any, what: str) -> None:
-    """Columns whose values ``datasets`` could give no single type (its ``Json``
-    feature: numbers in some rows, text in others) must still hold one kind per key, as
-    a list's samples must (``flowgraph.data.check_schema``)."""
-    from flowgraph.data import check_schema
-
-    json_feature = getattr(datasets.features, "Json", None)
-    mixed = [name for name, feature in rows.table.features.items()
-             if json_feature is not None and isinstance(feature, json_feature)]  # fmt: skip
-    if mixed:
-        columns = zip(*(rows.table[name] for name in mixed), strict=True)
-        column_rows = [dict(zip(mixed, values, strict=True)) for values in columns]
-        check_schema(column_rows, f"{what} {rows.path}")

@@ -19,6 +19,7 @@ that ``except FlowgraphError`` catches exactly the framework's own complaints.
     ├── EngineError           engine wiring: modules, names, missing datasets
     │   └── ParameterSyncError    source and destination parameters do not match
     ├── CheckpointError       a checkpoint this run cannot resume from
+    ├── ExportError           flowc export cannot write a model (source, model, --out)
     ├── NonFiniteError        a trainer reported a NaN or infinite loss
     └── PlanError             the compiler cannot place or schedule the flows
         └── LayoutError           one placement does not fit memory or the batches
@@ -133,6 +134,17 @@ class CheckpointError(FlowgraphError):
     by other flows, or by another number of ranks when its state is split per rank
     (DeepSpeed). The message names the checkpoint; start afresh with ``runtime.resume=false``
     or another ``checkpoint_dir``, or relaunch as it was written.
+    """
+
+
+class ExportError(FlowgraphError):
+    """``flowc export`` cannot write the model: no usable checkpoint at the source, a model
+    the checkpoint does not hold or that is no language model, weights that do not fit the
+    saved ``args``, an ``--out`` that is not empty (``--force`` replaces it), or no
+    ``transformers`` installed. The message names the cause and the fix.
+
+    Example: ``flowc export runs/grpo/ckpt --model policy --out x`` where ``policy`` is an
+    inference copy that parameter sync refills: export its trainer (``grpo_policy``).
     """
 
 
