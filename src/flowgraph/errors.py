@@ -20,6 +20,7 @@ that ``except FlowgraphError`` catches exactly the framework's own complaints.
     │   └── ParameterSyncError    source and destination parameters do not match
     ├── CheckpointError       a checkpoint this run cannot resume from
     ├── ExportError           flowc export cannot write a model (source, model, --out)
+    ├── RewardError           a reward function raised or returned a non-number on a row
     ├── NonFiniteError        a trainer reported a NaN or infinite loss
     └── PlanError             the compiler cannot place or schedule the flows
         └── LayoutError           one placement does not fit memory or the batches
@@ -145,6 +146,16 @@ class ExportError(FlowgraphError):
 
     Example: ``flowc export runs/grpo/ckpt --model policy --out x`` where ``policy`` is an
     inference copy that parameter sync refills: export its trainer (``grpo_policy``).
+    """
+
+
+class RewardError(FlowgraphError):
+    """A reward function failed on a row: it raised, returned something that is not a
+    finite number, or cannot run in worker processes. The message names the function (as
+    ``module:function``) and the row's index; fix the function, or the row it names.
+
+    Example: ``score_rows(my_reward, rows)`` where ``my_reward`` reads ``row["solution"]``
+    and row 3 lacks it: ``reward my_module:my_reward raised on row 3 (...): KeyError: ...``.
     """
 
 
