@@ -207,18 +207,15 @@ class Interpreter:
         return self.episode.steps
 
     def _warn_if_filtered(self, data: list[Batch], steps: int) -> None:
-        """An env flow that drops rows (a filter, e.g. DAPO's dynamic sampling) can leave
-        fewer full global batches than the config's rows would make: say how many run."""
-        runtime = self.runtime
-        per_epoch = runtime.rows_per_episode // runtime.global_batch_size
-        planned = runtime.num_training_epoch * per_epoch
-        if steps < planned:
+        """An env flow that drops rows (a filter, e.g. DAPO's dynamic sampling, or online
+        DPO's pairing) trains on the full global batches left: say so when none is."""
+        if steps == 0:
             rows = sum(batch_size(mb) for mb in data)
             warnings.warn(
-                f"episode {self.episode.number}: the env flow returned {rows} of "
-                f"{runtime.rows_per_episode} rows, so {steps} of {planned} optimizer steps "
-                f"(train_global_batch_size={runtime.global_batch_size}) run; raise "
-                "sample_per_episode to over-sample when a filter drops rows",
+                f"episode {self.episode.number}: the env flow returned {rows} rows, fewer than "
+                f"one global batch (train_global_batch_size={self.runtime.global_batch_size}):"
+                " no optimizer step this episode; raise sample_per_episode to over-sample "
+                "when a filter drops rows, or lower train_global_batch_size",
                 stacklevel=2,
             )
 
