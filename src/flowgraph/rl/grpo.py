@@ -28,6 +28,8 @@ def group_advantages(
             f"{rewards.numel()} rewards do not form groups of num_generations="
             f"{num_generations}; keep each prompt's samples together in one micro-batch"
         )
+    if not rewards.numel():  # a generation call whose every group dynamic sampling dropped
+        return rewards.clone()
     groups = rewards.view(-1, num_generations)
     centred = groups - groups.mean(1, keepdim=True)
     if scale:
@@ -45,12 +47,26 @@ def grpo_loss(
     beta: float = 0.04,
     staleness: torch.Tensor | None = None,
     tis_cap: float = TIS_CAP,
+    clip_high: float | None = None,
+    loss_agg: str = "sequence",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per token: clipped surrogate with the row's advantage ``[B]`` plus ``beta`` times the
-    k3 estimate of KL(policy || reference); averaged over each row's tokens, then rows.
+    k3 estimate of KL(policy || reference); averaged over each row's tokens, then rows
+    (``loss_agg="sequence"``), or over all the tokens at once (``"token"``, DAPO's
+    token-level loss: long answers weigh more). The ratio is clipped to
+    ``[1 - clip, 1 + clip_high]`` (``clip_high`` None: ``clip``; DAPO's "clip-higher"
+    raises it, e.g. 0.28, so unlikely tokens can gain more).
     Without a reference (``ref_logprobs`` None, which needs ``beta`` 0) there is no KL term.
     Rows with a ``staleness`` above 0 get the truncated importance weights of
-    ``flowgraph.rl.ppo.off_policy_correction`` (``old_logprobs``: the behaviour policy)."""
+    ``flowgraph.rl.ppo.off_policy_correction`` (``old_logprobs``: the behaviour policy).
+
+    >>> lp, old = torch.log(torch.tensor([[0.5, 0.5]])), torch.log(torch.tensor([[0.25, 0.4]]))
+    >>> mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    >>> grpo_loss(lp, old, None, adv, mask, clip=0.2, beta=0.0)[0]  # ratios 2, 1.25 -> 1.2
+    tensor(-1.2000)
+    >>> grpo_loss(lp, old, None, adv, mask, clip=0.2, beta=0.0, clip_high=0.28)[0]
+    tensor(-1.2650)
+    """
     if ref_logprobs is None and beta:
         raise ValueError(
             f"GRPO with beta={beta} needs ref_logprobs: call reference.forward_step in the "
@@ -59,20 +75,27 @@ def grpo_loss(
     proximal, weights, off_policy = off_policy_correction(
         logprobs, old_logprobs, staleness, mask, tis_cap
     )
+    high = clip if clip_high is None else clip_high
     ratio = (logprobs - proximal).exp()
     adv = advantages[:, None]
-    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv) * weights
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + high) * adv) * weights
     if ref_logprobs is None:
         kl = torch.zeros_like(logprobs)
         per_token = -surrogate
     else:
         kl = kl_penalty(logprobs, ref_logprobs, "k3")
         per_token = -surrogate + beta * kl
-    loss = masked_mean(per_token, mask, dim=1).mean()
+    if loss_agg == "sequence":
+        loss = masked_mean(per_token, mask, dim=1).mean()
+    elif loss_agg == "token":
+        loss = masked_mean(per_token, mask)
+    else:
+        raise ValueError(f"loss_agg must be 'sequence' or 'token', got {loss_agg!r}")
     with torch.no_grad():
+        change = ratio - 1
         stats = {
             "kl": masked_mean(kl, mask).item(),
-            "clip_frac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
+            "clip_frac": masked_mean(((change > high) | (change < -clip)).float(), mask).item(),
             **off_policy,
         }
     return loss, stats
