@@ -516,3 +516,37 @@ def test_a_worker_that_dies_is_an_error_and_the_pool_restarts():
                        "test_rewards:dies_in_a_worker"):  # fmt: skip
         score_rows(dies_in_a_worker, [{"answer": "ok"}, {"answer": "die"}], workers=1)
     assert score_rows(dies_in_a_worker, [{"answer": "ok"}] * 3, workers=1) == [1.0] * 3
+
+
+def reward_module(args):
+    from flowgraph.config import Config
+    from flowgraph.rl.modules import RewardInference
+
+    module = RewardInference("reward")
+    module.config = Config(runtime={"response_length": 4}, models={"reward": {"args": args}})
+    module.setup()
+    return module
+
+
+def test_the_reward_module_scores_rows_with_a_verifiable_reward():
+    module = reward_module({"reward": "math", "reward_options": {"key": "target"}})
+    data = {"prompt": ["1+1", "2+2"], "answer": ["2", "5"], "target": ["2", "4"],
+            "response_mask": torch.ones(2, 4)}  # fmt: skip
+    assert module.eval_step(data)["score"].tolist() == [1.0, 0.0]
+    workers = reward_module({"reward": "math", "reward_options": {"key": "target"},
+                             "reward_workers": 2})  # fmt: skip
+    assert workers.eval_step(data)["score"].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ({"reward": "maht"}, r"models.reward.args.reward: unknown reward 'maht'; did you mean"),
+        ({"reward": "math", "reward_options": [1]}, r"reward_options: a mapping of keyword"),
+        ({"reward": "math", "reward_options": {"colour": 1}}, r"args.reward: reward .* options"),
+        ({"reward": "math", "reward_workers": -1}, r"reward_workers: must be 0 or more"),
+    ],
+)
+def test_reward_module_settings_name_the_fix(args, words):
+    with pytest.raises(ConfigError, match=words):
+        reward_module(args)

@@ -12,9 +12,10 @@ when their ``args`` name a Hugging Face model, and nothing is ever downloaded:
   defaults to the tokenizer's and the special token ids to the tokenizer's.
 
 Dropout is turned off (``disable_dropout: false`` keeps the config's). Token ids come
-from the module's ``CharTokenizer``, so the model's vocabulary must be at
-least as large as the tokenizer's. Positions follow the attention mask, so left-padded
-prompts are handled as ``TinyGPT`` handles them.
+from the module's ``CharTokenizer`` (or the ``HFTokenizer`` of ``hf_tokenizer``, whose
+chat template ``chat_template: true`` applies to every prompt), so the model's
+vocabulary must be at least as large as the tokenizer's. Positions follow the attention
+mask, so left-padded prompts are handled as ``TinyGPT`` handles them.
 
 Example::
 
@@ -102,7 +103,8 @@ def build(args: dict, value: bool, vocab_size: int, special_ids: dict) -> nn.Mod
         os.path.exists(os.path.join(str(path), name)) for name in WEIGHT_FILES
     )
     auto = transformers.AutoModel if value else transformers.AutoModelForCausalLM
-    if pretrained:
+    sizing = torch.empty(0).is_meta  # the compiler counts parameters under torch.device("meta")
+    if pretrained and not sizing:
         network = auto.from_pretrained(str(path), config=config, local_files_only=True)
     else:
         network = auto.from_config(config)
@@ -148,9 +150,24 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return len(self.tok)
 
-    def batch(self, texts, side: str = "left"):
-        encoded = [self.tok.encode(text) for text in texts]
+    def batch(self, texts, side: str = "left", add_special_tokens: bool = True):
+        encoded = [self.tok.encode(text, add_special_tokens=add_special_tokens) for text in texts]
         return pad_batch(encoded, self.pad_id, side)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    def chat_prompts(self, prompts) -> list[str]:
+        """Each prompt as the one user turn of a chat in the tokenizer's chat template,
+        the assistant's turn opened (``add_generation_prompt``): the text to encode with
+        ``add_special_tokens=False``, as the template holds the special tokens it wants."""
+        return [
+            self.tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            for prompt in prompts
+        ]
 
     def decode(self, ids) -> str:
         """Text of ``ids`` up to the first end-of-sequence token, without special tokens."""

@@ -1,5 +1,5 @@
-"""Ready PPO/GRPO modules over ``TinyGPT``: use them as they are, or read them as
-examples of ``TorchModule``s (each is a ``setup()`` and one step method).
+"""Ready PPO/GRPO/RLOO/REINFORCE++/DAPO modules over ``TinyGPT``: use them as they are,
+or read them as examples of ``TorchModule``s (each is a ``setup()`` and one step method).
 
 Every setting comes from the model's own ``args`` (``models.<name>.args`` in the config);
 models that must agree (policy, reference and policy trainer; value and value trainer)
@@ -8,6 +8,8 @@ share them through a YAML anchor, as ``examples/ppo.yaml`` does:
 ==================  ==========================================================  =========
 arg                 meaning                                                     default
 ==================  ==========================================================  =========
+``prompt_key``      the batch key holding the prompt text (policy and reward)   prompt
+``chat_template``   wrap each prompt in the HF tokenizer's chat template        false
 ``alphabet``        characters of the ``CharTokenizer``                         digits
 ``n_layer`` ...     ``GPTConfig`` fields (vocab_size, n_layer, n_head, n_embd,   GPTConfig
                     max_seq_len); vocab_size is at least the tokenizer's
@@ -17,12 +19,25 @@ arg                 meaning                                                     
 ``hf_tokenizer``    a saved HF tokenizer (``true``: the hf_model's) for prompts  none
 ``temperature``     sampling temperature (``top_k``, ``top_p`` too)             1.0
 ``task``            rule reward of ``RewardInference`` (``flowgraph.rl.tasks``)  count_up
-``kl_coef``         KL penalty per token in the PPO reward                      0.05
-``gamma``/``lam``   GAE discount and lambda                                     1.0/0.95
+``reward``          instead: a row function of ``flowgraph.rl.rewards`` (math,  none
+                    format, code) or ``module:function`` (``reward_options``:
+                    its keyword arguments; ``reward_workers``: processes)
+``advantage``       the reward's estimator: ``gae``, ``grpo``, ``rloo``,        see below
+                    ``reinforce_pp``, ``reinforce_pp_baseline``
+``kl_coef``         KL penalty per token in the PPO/REINFORCE++ reward (summed  0.05
+                    per row in RLOO's)
+``gamma``/``lam``   GAE discount and lambda (gamma: REINFORCE++'s too)          1.0/0.95
+``overlong_buffer`` DAPO's overlong penalty: 0 up to response_length minus      0 (off)
+                    this many tokens, then linear down to ``-overlong_factor``
+``overlong_factor`` the penalty at ``runtime.response_length`` tokens           1.0
+``filter_groups``   DAPO's dynamic sampling: drop groups whose task scores tie  false
 ``lr``              AdamW learning rate of a trainer                            1e-3
 ``clip``            PPO/GRPO ratio clip (value clip for the value trainer)      0.2
+``clip_high``       GRPO/DAPO upper ratio clip (DAPO's clip-higher)             clip/0.28
+``loss_agg``        GRPO/DAPO loss: mean over each row's tokens, then rows      sequence/
+                    (``sequence``), or over all tokens of the step (``token``)  token
 ``entropy_coef``    entropy bonus of the PPO policy trainer                     0.0
-``beta``            GRPO's KL coefficient                                       0.04
+``beta``            GRPO's KL coefficient (DAPO: 0)                             0.04
 ``tis_cap``         cap of the importance weight of stale rows (``max_staleness``) 2.0
 ``max_grad_norm``   gradient clipping of a trainer                              1.0
 ==================  ==========================================================  =========
@@ -31,10 +46,23 @@ Prompts are left-padded to ``runtime.prompt_length`` tokens and responses sample
 ``runtime.response_length``, so every micro-batch has the same shape. The policy answers
 each prompt ``runtime.num_inference_per_prompt`` times (GRPO's groups).
 
-Batch keys: ``prompt`` (text) in; the policy adds ``sequences``, ``attention_mask``,
-``response_mask``, ``old_logprobs``, ``answer`` (text); the reference ``ref_logprobs``;
-the value model ``old_values``; the reward ``score``, ``kl``, ``advantages`` (and
-``returns`` for PPO). The runtime adds ``weight_version`` and ``staleness`` to the rows
+Algorithms (``flowgraph.rl.advantages``, ``flowgraph.rl.dapo``): the reward's ``advantage``
+picks the estimator; by default ``gae`` when a value model added ``old_values``, else
+``grpo``. Per-token advantages (``gae``, ``reinforce_pp``, ``reinforce_pp_baseline``) are
+trained by ``PolicyTrainer``, which whitens them over the global step (REINFORCE++'s
+global normalisation); one advantage per row (``grpo``, ``rloo``) by ``GRPOTrainer``.
+DAPO is ``DAPOTrainer`` (beta 0, ``clip_high`` 0.28, token-level loss) with a reward of
+``overlong_buffer`` DAPO's overlong penalty: 0 up to response_length minus      0 (off)
+returns only the groups whose task scores differ, so the env must over-sample
+(``sample_per_episode`` above what the optimizer steps need). RLOO is ``advantage:
+rloo`` with ``GRPOTrainer`` at beta 0 (``examples/rloo.py``); REINFORCE++ is ``advantage:
+reinforce_pp`` with ``PolicyTrainer`` and no value model (``examples/reinforce_pp.py``).
+
+Batch keys: ``prompt`` (text; ``args.prompt_key``) in; the policy adds ``sequences``,
+``attention_mask``, ``response_mask``, ``old_logprobs``, ``answer`` (text); the reference
+``ref_logprobs``; the value model ``old_values``; the reward ``score``, ``kl``,
+``advantages`` (and ``returns`` for PPO; ``overlong_penalty`` and ``sampled_per_kept``
+with DAPO's options). The runtime adds ``weight_version`` and ``staleness`` to the rows
 trainers receive; the trainers weight stale rows (``off_policy_correction``).
 """
 
@@ -46,20 +74,20 @@ from typing import Any
 import torch
 
 from flowgraph.devices import cuda_wanted
-from flowgraph.errors import ConfigError, did_you_mean
+from flowgraph.errors import ConfigError, DataError, did_you_mean
 from flowgraph.module import TorchModule
-from flowgraph.rl import hf
+from flowgraph.rl import hf, rewards
+from flowgraph.rl.advantages import ESTIMATORS, estimate
+from flowgraph.rl.dapo import overlong_penalty, token_weights, varied_groups
 from flowgraph.rl.gpt import GPTConfig, TinyGPT, ValueGPT
-from flowgraph.rl.grpo import group_advantages, grpo_loss
+from flowgraph.rl.grpo import grpo_loss
 from flowgraph.rl.ppo import (
     TIS_CAP,
     entropy,
-    gae,
     kl_penalty,
     masked_mean,
     masked_whiten,
     policy_loss,
-    token_rewards,
     value_loss,
 )
 from flowgraph.rl.sampling import generate, response_logits, token_logprobs
@@ -68,6 +96,8 @@ from flowgraph.rl.tokenizer import DIGITS, CharTokenizer
 
 KNOWN_ARGS = frozenset(
     {
+        "prompt_key",
+        "chat_template",
         "alphabet",
         "vocab_size",
         "n_layer",
@@ -86,11 +116,17 @@ KNOWN_ARGS = frozenset(
         "task",
         "score_length",
         "scale",
+        "advantage",
+        "overlong_buffer",
+        "overlong_factor",
+        "filter_groups",
         "kl_coef",
         "gamma",
         "lam",
         "lr",
         "clip",
+        "clip_high",
+        "loss_agg",
         "entropy_coef",
         "beta",
         "max_grad_norm",
@@ -154,6 +190,46 @@ class GPTModule(TorchModule):
             alphabet = self.arg("alphabet", DIGITS)
             self._tokenizer = hf.HFTokenizer(path) if path else CharTokenizer(alphabet)
         return self._tokenizer
+
+    def prompts(self, data: dict) -> list[str]:
+        """The prompt texts of ``data``: its ``args.prompt_key`` column (``"prompt"``)."""
+        key = self.arg("prompt_key", "prompt")
+        if key not in data:
+            raise DataError(
+                f"{self.name}: the batch has no prompt key {key!r} (models.{self.name}.args."
+                f"prompt_key); its keys: {', '.join(map(repr, sorted(data)))}. Set prompt_key "
+                "to the dataset's prompt column, e.g. prompt_key: question"
+            )
+        return list(data[key])
+
+    def check_chat_template(self) -> None:
+        """With ``args.chat_template: true``, the tokenizer must be a Hugging Face one that
+        has a chat template."""
+        if not self.arg("chat_template", False):
+            return
+        where = f"models.{self.name}.args.chat_template"
+        tokenizer = self.tokenizer
+        if not isinstance(tokenizer, hf.HFTokenizer):
+            raise ConfigError(
+                f"{where}: true needs a Hugging Face tokenizer, but {self.name} uses the "
+                f"{tokenizer}; set args.hf_tokenizer to a saved tokenizer that has a chat "
+                "template, or leave chat_template out"
+            )
+        if not tokenizer.has_chat_template:
+            raise ConfigError(
+                f"{where}: the tokenizer in {tokenizer.path!r} has no chat template; save "
+                "one with it (tokenizer.chat_template = '...' before save_pretrained()) or "
+                "set chat_template: false to tokenize the prompts as they are"
+            )
+
+    def encode_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``(ids, mask)`` of prompt texts, each in the chat template first
+        when ``args.chat_template`` is true."""
+        if self.arg("chat_template", False):
+            self.check_chat_template()
+            chats = self.tokenizer.chat_prompts(texts)
+            return self.tokenizer.batch(chats, side="left", add_special_tokens=False)
+        return self.tokenizer.batch(texts, side="left")
 
     def gpt_config(self) -> GPTConfig:
         runtime = self.runtime_config
@@ -273,8 +349,13 @@ def _repeat(data: dict, times: int) -> dict:
 
 
 class PolicyInference(GPTModule):
-    """Samples answers to ``prompt``: ``forward_step`` at the configured temperature
+    """Samples answers to ``prompt`` (``args.prompt_key``; in the tokenizer's chat template
+    with ``args.chat_template``): ``forward_step`` at the configured temperature
     (``runtime.num_inference_per_prompt`` per prompt), ``eval_step`` greedily."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.check_chat_template()
 
     @torch.no_grad()
     def forward_step(self, data: dict) -> dict:
@@ -287,7 +368,7 @@ class PolicyInference(GPTModule):
 
     def _answer(self, data: dict, temperature: float) -> dict:
         runtime = self.runtime_config
-        ids, mask = self.tokenizer.batch(data["prompt"], side="left")
+        ids, mask = self.encode_prompts(self.prompts(data))
         ids, mask = ids.to(self.device), mask.to(self.device)
         if ids.shape[1] > runtime.prompt_length:
             raise ValueError(
@@ -339,13 +420,24 @@ class ValueInference(GPTModule):
 
 
 class RewardInference(GPTModule):
-    """Scores answers with a rule (``args.task``) and turns the scores into advantages:
-    with a value model's ``old_values`` in the batch, PPO's KL-shaped token rewards and
-    GAE; without, GRPO's group-relative advantages over ``num_inference_per_prompt`` rows.
-    ``kl`` is 0 when no reference model added ``ref_logprobs`` (GRPO with beta 0)."""
+    """Scores answers with a rule (``args.task``) and turns the scores into advantages
+    (``args.advantage``, ``flowgraph.rl.advantages``): by default, with a value model's
+    ``old_values`` in the batch, PPO's KL-shaped token rewards and GAE; without, GRPO's
+    group-relative advantages over ``num_inference_per_prompt`` rows. ``kl`` is 0 when no
+    reference model added ``ref_logprobs`` (GRPO with beta 0).
+
+    DAPO's options act in ``forward_step`` only (``eval_step`` gives the plain score):
+    ``filter_groups`` returns only the groups whose task scores (before any penalty: DAPO
+    filters on accuracy) are not all equal, and ``overlong_buffer`` adds the overlong
+    penalty to the score of the rows kept; each kept row carries
+    ``sampled_per_kept`` (rows generated per row kept in its generation call), from which
+    ``GRPOTrainer`` reports ``kept_fraction``."""
+
+    extra_args = frozenset({"reward", "reward_options", "reward_workers"})
 
     def setup(self) -> None:
         self.check_args()
+        self.row_reward = self.verifiable_reward()
         task = self.arg("task", "count_up")
         if task not in REWARDS:
             raise ConfigError(
@@ -353,12 +445,64 @@ class RewardInference(GPTModule):
                 f"{did_you_mean(str(task), REWARDS)}rule rewards: {', '.join(sorted(REWARDS))}"
             )
         self.rule = reward_function(task)
+        self.check_algorithm_args()
+
+    def check_algorithm_args(self) -> None:
+        """``advantage`` names an estimator; ``overlong_buffer`` fits in the response."""
+        where = f"models.{self.name}.args"
+        advantage = self.model_config.args.get("advantage")
+        if advantage is not None and advantage not in ESTIMATORS:
+            raise ConfigError(
+                f"{where}.advantage: unknown estimator {advantage!r}; "
+                f"{did_you_mean(str(advantage), ESTIMATORS)}estimators: {', '.join(ESTIMATORS)} "
+                "(or leave it out: gae with a value model, else grpo)"
+            )
+        buffer, longest = self.arg("overlong_buffer", 0), self.runtime_config.response_length
+        if not 0 <= buffer <= longest:
+            raise ConfigError(
+                f"{where}.overlong_buffer: {buffer} is not between 0 (no penalty) and "
+                f"runtime.response_length={longest}: the penalty starts that many tokens "
+                f"before the longest response; e.g. overlong_buffer: {max(1, longest // 4)}"
+            )
+        self.arg("overlong_factor", 1.0)  # a type error now rather than at the first episode
+        groups = self.runtime_config.num_inference_per_prompt
+        grouped = advantage in ("grpo", "rloo", "reinforce_pp_baseline")
+        if groups < 2 and (grouped or self.arg("filter_groups", False)):
+            what = f"advantage: {advantage}" if grouped else "filter_groups: true"
+            raise ConfigError(
+                f"{where}.{what} compares the answers to one prompt, but "
+                f"runtime.num_inference_per_prompt is {groups}; set it to 2 or more (e.g. 8)"
+            )
+
+    def verifiable_reward(self) -> rewards.Reward | None:
+        """The row function ``args.reward`` names (``math``, ``format``, ``code`` or
+        ``module:function``, ``flowgraph.rl.rewards``) with ``args.reward_options``
+        bound, or None: the rule ``args.task`` scores."""
+        spec = self.model_config.args.get("reward")
+        self.workers = self.arg("reward_workers", 0)
+        if spec is None:
+            return None
+        options = self.model_config.args.get("reward_options") or {}
+        where = f"models.{self.name}.args"
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}.reward_options: a mapping of keyword arguments, got "
+                              f"{options!r}; e.g. reward_options: {{timeout: 2.0}}")  # fmt: skip
+        if self.workers < 0:
+            raise ConfigError(f"{where}.reward_workers: must be 0 or more, got {self.workers}")
+        try:
+            return rewards.reward_function(spec, **options)
+        except ConfigError as err:
+            raise ConfigError(f"{where}.reward: {err}") from None
 
     def score(self, data: dict) -> torch.Tensor:
         length = self.runtime_config.response_length
         length = int(self.arg("score_length", length))
-        pairs = zip(data["prompt"], data["answer"], strict=True)
-        scores = [self.rule(prompt, answer, length) for prompt, answer in pairs]
+        if self.row_reward is not None:  # a function of each row (answer, dataset columns)
+            rows = rewards.batch_rows(data, self.prompts(data))
+            scores = rewards.score_rows(self.row_reward, rows, self.workers)
+        else:
+            pairs = zip(self.prompts(data), data["answer"], strict=True)
+            scores = [self.rule(prompt, answer, length) for prompt, answer in pairs]
         devices = [v.device for v in data.values() if isinstance(v, torch.Tensor)]
         return torch.tensor(scores, device=devices[0] if devices else None)
 
@@ -366,24 +510,54 @@ class RewardInference(GPTModule):
     def forward_step(self, *inputs: dict) -> dict:
         data = {k: v for batch in inputs for k, v in batch.items()}
         score = self.score(data)
+        groups = self.runtime_config.num_inference_per_prompt
+        if self.arg("filter_groups", False):  # on the task's score, as DAPO's accuracy filter
+            keep = varied_groups(score, groups)
+            data, score = _rows(data, keep), score[keep]
+            kept = int(keep.sum())
+            data["sampled_per_kept"] = torch.full((kept,), len(keep) / max(kept, 1),
+                                                  device=score.device)  # fmt: skip
+        buffer = self.arg("overlong_buffer", 0)
+        if buffer:
+            penalty = overlong_penalty(
+                data["response_mask"].sum(1), self.runtime_config.response_length, buffer,
+                float(self.arg("overlong_factor", 1.0)),
+            ).to(score.device)  # fmt: skip
+            data["overlong_penalty"] = penalty
+            score = score + penalty
         mask = data["response_mask"]
         if "ref_logprobs" in data:
             kl = kl_penalty(data["old_logprobs"], data["ref_logprobs"]) * mask
         else:  # GRPO without a reference model (beta 0)
             kl = torch.zeros_like(mask)
         out = {**data, "score": score, "kl": kl.sum(1)}
-        if "old_values" in data:
-            rewards = token_rewards(score, kl, mask, float(self.arg("kl_coef", 0.05)))
-            gamma, lam = float(self.arg("gamma", 1.0)), float(self.arg("lam", 0.95))
-            out["advantages"], out["returns"] = gae(rewards, data["old_values"], mask, gamma, lam)
-        else:
-            groups = self.runtime_config.num_inference_per_prompt
-            out["advantages"] = group_advantages(score, groups, bool(self.arg("scale", True)))
+        estimator = self.model_config.args.get("advantage")
+        if estimator is None:
+            estimator = "gae" if "old_values" in data else "grpo"
+        elif estimator == "gae" and "old_values" not in data:
+            raise ConfigError(
+                f"models.{self.name}.args.advantage: gae needs a critic's old_values: call "
+                "value.forward_step in the env flow and pass its output to the reward, or "
+                "pick a critic-free estimator (grpo, rloo, reinforce_pp)"
+            )
+        out.update(estimate(
+            estimator, score, kl, mask, groups, data.get("old_values"),
+            kl_coef=float(self.arg("kl_coef", 0.05)), gamma=float(self.arg("gamma", 1.0)),
+            lam=float(self.arg("lam", 0.95)), scale=bool(self.arg("scale", True)),
+        ))  # fmt: skip
         return out
 
     @torch.no_grad()
     def eval_step(self, data: dict) -> dict:
         return {**data, "score": self.score(data)}
+
+
+def _rows(data: dict, keep: torch.Tensor) -> dict:
+    """The rows of ``data`` where the bool ``keep`` ``[B]`` is true."""
+    rows = keep.tolist()
+    return {key: value[keep.to(value.device)] if isinstance(value, torch.Tensor)
+            else [v for v, k in zip(value, rows, strict=True) if k]
+            for key, value in data.items()}  # fmt: skip
 
 
 class RewardModel(RewardInference):
@@ -394,6 +568,7 @@ class RewardModel(RewardInference):
 
     def setup(self) -> None:
         GPTModule.setup(self)
+        self.check_algorithm_args()
 
     def score(self, data: dict) -> torch.Tensor:
         values = self.model(data["sequences"], data["attention_mask"])
@@ -410,9 +585,12 @@ class PolicyTrainer(GPTModule):
 
     Advantages are whitened over the whole global step: on several data-parallel ranks,
     each with its share of the step's micro-batches, with the moments of all of them
-    (``masked_whiten(..., group=...)``), so 1 and N ranks train alike."""
+    (``masked_whiten(..., group=...)``), so 1 and N ranks train alike. This is also
+    REINFORCE++'s normalisation: with the reward's ``advantage: reinforce_pp`` and no
+    value model, this trainer is REINFORCE++ (``examples/reinforce_pp.py``)."""
 
     def train_step(self, micro_batches: list[dict]) -> dict:
+        _check_advantages(self, micro_batches[0], per_token=True)
         mask_all = torch.cat([mb["response_mask"] for mb in micro_batches])
         adv_all = masked_whiten(
             torch.cat([mb["advantages"] for mb in micro_batches]), mask_all,
@@ -485,26 +663,63 @@ class SFTTrainer(GPTModule):
 
 
 class GRPOTrainer(GPTModule):
-    """GRPO policy update: clipped surrogate with group advantages, KL to the reference
-    (``args.beta``; with beta 0 the env flow needs no reference model at all)."""
+    """GRPO policy update: clipped surrogate with one advantage per row (``grpo`` or
+    ``rloo``), KL to the reference (``args.beta``; with beta 0 the env flow needs no
+    reference model at all). ``clip_high`` decouples the upper clip; ``loss_agg: token``
+    averages the loss over every token of the global step, across micro-batches and
+    data-parallel ranks (``flowgraph.rl.dapo.token_weights``) instead of per row.
+
+    Metrics: the loss statistics, ``grad_norm``, ``reward`` (the mean score),
+    ``response_length``; with DAPO's reward options ``overlong_penalty`` (mean) and
+    ``kept_fraction``: the fraction of generated rows that dynamic sampling kept, over
+    the generation calls this step's rows come from (a call that kept no group has no
+    row here to tell of it)."""
+
+    default_beta = 0.04
+    default_clip_high: float | None = None  # None: args.clip, a symmetric clip
+    default_loss_agg = "sequence"
+
+    def setup(self) -> None:
+        super().setup()
+        loss_agg = self.arg("loss_agg", self.default_loss_agg)
+        if loss_agg not in ("sequence", "token"):
+            raise ConfigError(
+                f"models.{self.name}.args.loss_agg: {loss_agg!r} is neither 'sequence' (the "
+                "mean over each row's tokens, then over rows: GRPO) nor 'token' (the mean over "
+                "all tokens of the step: DAPO)"
+            )
+
+    def accumulation(self, micro_batches: list[dict]):
+        """``accumulate``'s row weights, or token weights under ``loss_agg: token``."""
+        steps = self.accumulate(micro_batches)
+        if self.arg("loss_agg", self.default_loss_agg) == "sequence":
+            return steps
+        masks = [mb["response_mask"] for mb in micro_batches]
+        weights = token_weights(masks, self.data_parallel_group())
+        return ((mb, w, sync) for (mb, _, sync), w in zip(steps, weights, strict=True))
 
     def train_step(self, micro_batches: list[dict]) -> dict:
+        _check_advantages(self, micro_batches[0], per_token=False)
+        clip = float(self.arg("clip", 0.2))
+        clip_high = self.default_clip_high if self.default_clip_high is not None else clip
+        clip_high = float(self.arg("clip_high", clip_high))
+        loss_agg = self.arg("loss_agg", self.default_loss_agg)
         stats = []
-        for mb, weight, sync in self.accumulate(micro_batches):
+        for mb, weight, sync in self.accumulation(micro_batches):
             with sync:
                 p = prompt_length(mb)
                 logits = response_logits(self.model, mb["sequences"], mb["attention_mask"], p)
                 logprobs = token_logprobs(logits, mb["sequences"], p)
                 loss, info = grpo_loss(
                     logprobs, mb["old_logprobs"], mb.get("ref_logprobs"), mb["advantages"],
-                    mb["response_mask"], float(self.arg("clip", 0.2)),
-                    float(self.arg("beta", 0.04)), mb.get("staleness"),
-                    float(self.arg("tis_cap", TIS_CAP)),
+                    mb["response_mask"], clip, float(self.arg("beta", self.default_beta)),
+                    mb.get("staleness"), float(self.arg("tis_cap", TIS_CAP)), clip_high,
+                    loss_agg,
                 )  # fmt: skip
                 (loss * weight).backward()
             stats.append({**info, "loss": loss.item()})
         grad_norm = self.step_optimizer()
-        return {
+        metrics = {
             **{k: _mean([s[k] for s in stats]) for k in stats[0]},
             "grad_norm": grad_norm,
             "reward": torch.cat([mb["score"] for mb in micro_batches]).mean().item(),
@@ -513,6 +728,50 @@ class GRPOTrainer(GPTModule):
             .mean()
             .item(),
         }
+        for key in ("overlong_penalty", "sampled_per_kept"):
+            if key in micro_batches[0]:
+                metrics[key] = torch.cat([mb[key] for mb in micro_batches]).mean().item()
+        if "sampled_per_kept" in metrics:
+            metrics["kept_fraction"] = 1 / metrics.pop("sampled_per_kept")
+        return metrics
+
+
+class DAPOTrainer(GRPOTrainer):
+    """DAPO policy update: ``GRPOTrainer`` with DAPO's defaults: no KL term (beta 0, so no
+    reference model), the decoupled clip ``[1 - clip, 1 + clip_high]`` = [0.8, 1.28] and
+    the token-level loss. Its reward model adds the overlong penalty and drops the groups
+    of equal scores (``overlong_buffer``, ``filter_groups``; see ``examples/dapo.yaml``).
+
+    Example (``flowc compile examples/dapo.py`` prints the plan)::
+
+        >>> DAPOTrainer("dapo_policy").default_clip_high
+        0.28
+    """
+
+    default_beta = 0.0
+    default_clip_high = 0.28
+    default_loss_agg = "token"
+
+
+def _check_advantages(trainer: GPTModule, batch: dict, per_token: bool) -> None:
+    """A trainer of per-token advantages ``[B, T]`` (PPO, REINFORCE++) was not handed one
+    advantage per row ``[B]`` (GRPO, RLOO), nor the reverse."""
+    dims = batch["advantages"].dim()
+    if dims == (2 if per_token else 1):
+        return
+    kind = type(trainer).__name__
+    if per_token:
+        raise ConfigError(
+            f"{trainer.name} ({kind}) trains per-token advantages [rows, tokens], but the "
+            "batch holds one advantage per row (the reward's advantage: grpo or rloo); train "
+            "those with GRPOTrainer, or set the reward's args.advantage to reinforce_pp (or "
+            "gae with a value model)"
+        )
+    raise ConfigError(
+        f"{trainer.name} ({kind}) trains one advantage per row, but the batch holds "
+        "per-token advantages [rows, tokens] (the reward's advantage: gae or reinforce_pp); "
+        "train those with PolicyTrainer, or set the reward's args.advantage to grpo or rloo"
+    )
 
 
 __all__ = [
@@ -526,4 +785,5 @@ __all__ = [
     "ValueTrainer",
     "SFTTrainer",
     "GRPOTrainer",
+    "DAPOTrainer",
 ]

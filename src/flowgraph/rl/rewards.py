@@ -302,6 +302,21 @@ def shutdown_pools() -> None:
 atexit.register(shutdown_pools)
 
 
+def batch_rows(data: dict, prompts: list[str]) -> list[dict]:
+    """The rows a reward scores from a batch: every column that is a list (the dataset's
+    text and number columns, the policy's ``answer``), one dict per row, with ``prompt``
+    set to ``prompts`` (the module's ``prompt_key`` column). Tensors (token ids, masks,
+    log-probs) are left out: rewards read text, and rows stay cheap to send to workers.
+
+    >>> import torch
+    >>> batch_rows({"question": ["1+1"], "answer": ["2"], "ids": torch.zeros(1, 3)}, ["1+1"])
+    [{'question': '1+1', 'answer': '2', 'prompt': '1+1'}]
+    """
+    columns = {key: value for key, value in data.items() if isinstance(value, list | tuple)}
+    return [{**{key: value[i] for key, value in columns.items()}, "prompt": prompt}
+            for i, prompt in enumerate(prompts)]  # fmt: skip
+
+
 def score_rows(fn: Reward, rows: list[dict], workers: int = 0) -> list[float]:
     """``[fn(row) for row in rows]`` as floats; with ``workers > 0`` in a pool of that many
     processes (kept alive across calls), for rewards slow enough to pay for it.
