@@ -73,11 +73,19 @@ def _encode_responses(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.
     return tokenizer.batch(texts, side="right")
 
 
-def encode_pairs(tokenizer, data: dict, prompt_length: int, response_length: int,
-                 where: str = "preference batch") -> dict[str, torch.Tensor]:  # fmt: skip
+def encode_pairs(
+    tokenizer,
+    data: dict,
+    prompt_length: int,
+    response_length: int,
+    where: str = "preference batch",
+    encode_prompts=None,
+) -> dict[str, torch.Tensor]:
     """``sequences``, ``attention_mask`` and ``response_mask`` of the pairs in ``data`` (the
     layout in the module docstring); a ``DataError`` naming the setting when a prompt or a
     response does not fit ``runtime.prompt_length`` / ``runtime.response_length``.
+    ``encode_prompts`` (texts -> left-padded ids and mask) encodes the prompts as the
+    policy does (``GPTModule.encode_prompts``: the chat template when configured).
 
     >>> from flowgraph.rl.tokenizer import CharTokenizer
     >>> rows = {"prompt": ["12"], "chosen": ["34"], "rejected": ["5"]}
@@ -88,7 +96,10 @@ def encode_pairs(tokenizer, data: dict, prompt_length: int, response_length: int
     [[[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]]
     """
     prompts, chosen, rejected = (_texts(data, key, where) for key in PAIR_COLUMNS)
-    ids, mask = tokenizer.batch(prompts, side="left")
+    if encode_prompts is None:
+        ids, mask = tokenizer.batch(prompts, side="left")
+    else:
+        ids, mask = encode_prompts(prompts)
     if ids.shape[1] > prompt_length:
         row = int(mask.sum(1).argmax())
         raise DataError(
@@ -211,8 +222,9 @@ class DPOReference(GPTModule):
         runtime = self.runtime_config
         where = f"{self.name}.forward_step"
         pairs = encode_pairs(
-            self.tokenizer, data, runtime.prompt_length, runtime.response_length, where
-        )
+            self.tokenizer, data, runtime.prompt_length, runtime.response_length, where,
+            self.encode_prompts,
+        )  # fmt: skip
         pairs = {key: value.to(self.device) for key, value in pairs.items()}
         return self._with_logprobs({**data, **pairs})
 
