@@ -51,6 +51,8 @@ def main(out_dir: str, config_path: str) -> None:
     # The mismatch test gives rank 1 an override the others do not get.
     odd = os.environ.get("FLOWGRAPH_TEST_RANK1_OVERRIDE")
     overrides = [odd] if odd and rank == 1 else []
+    if os.environ.get("FLOWGRAPH_TEST_RANK1_DATA") and rank == 1:  # other prompts on rank 1
+        engine.set_dataset(prompts(48, seed=1))
     flowgraph.init(json.loads(Path(config_path).read_text()), overrides)
     records = engine.learn()
     out = Path(out_dir)

@@ -183,3 +183,10 @@ def test_eval_data_path_needs_an_evaluator(tmp_path):
         ConfigError, match="eval_data_path is set, but this Engine has no Evaluator"
     ):
         echo_engine().set_dataset(["a"]).learn()
+
+
+def test_the_data_fingerprint_is_the_rows_not_their_source(tmp_path):
+    from_file = Dataset(write(tmp_path, "parquet"), seed=0).fingerprint()
+    assert from_file == Dataset(ROWS, seed=1).fingerprint()
+    assert from_file != Dataset(ROWS[:-1], seed=0).fingerprint()
+    assert from_file != Dataset([*ROWS[:-1], {**ROWS[-1], "solution": "x"}], 0).fingerprint()

@@ -60,3 +60,24 @@ def test_training_takes_the_full_batches_a_filter_leaves():
         "episode 3: the env flow returned 0 rows, fewer than one global batch "
         "(train_global_batch_size=4): no optimizer step"
     )
+
+
+def test_a_filter_that_could_never_fill_a_step_is_refused():
+    from flowgraph.config import Config
+    from flowgraph.errors import ConfigError
+    from flowgraph.rl.modules import RewardInference
+    from flowgraph.rl.preference import DPOReference
+
+    runtime = {"sample_per_episode": 8, "num_inference_per_prompt": 2, "response_length": 4}
+    reward = RewardInference("reward")
+    reward.config = Config(runtime=runtime, models={"reward": {"args": {"filter_groups": True}}})
+    words = r"drops groups, but one optimizer step takes train_global_batch_size=16 of .* 16 rows"
+    with pytest.raises(ConfigError, match=words):
+        reward.setup()
+    reward.config = Config(runtime={**runtime, "train_global_batch_size": 8},
+                           models={"reward": {"args": {"filter_groups": True}}})  # fmt: skip
+    reward.setup()  # over-sampled: fine
+    pairs = DPOReference("reference")
+    pairs.config = Config(runtime={**runtime, "train_global_batch_size": 16})
+    with pytest.raises(ConfigError, match=r"at most one pair of each of the episode's 8 prompts"):
+        pairs.pair_step({})

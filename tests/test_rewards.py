@@ -550,3 +550,12 @@ def test_the_reward_module_scores_rows_with_a_verifiable_reward():
 def test_reward_module_settings_name_the_fix(args, words):
     with pytest.raises(ConfigError, match=words):
         reward_module(args)
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference", "equal"),
+    [("1 2", "12", False), ("1 1/2", "5.5", False), ("2x", "2", False), ("3n", "3", False),
+     ("5 cm", "5", True), ("3 / 4", "0.75", True), ("- 3", "-3", True), ("1 000", "1000", True)],
+)  # fmt: skip
+def test_spaces_and_letters_do_not_make_other_numbers_equal(predicted, reference, equal):
+    assert math_equal(predicted, reference) is equal

@@ -216,9 +216,12 @@ def test_reward_defaults_keep_gae_with_a_critic_and_grpo_without():
     assert torch.equal(out["advantages"], group_advantages(score, 2)) and "returns" not in out
 
 
+OVER_SAMPLED = {"num_inference_per_prompt": 2, "train_global_batch_size": 8}  # of 32 rows
+
+
 def test_reward_overlong_penalty_and_dynamic_sampling():
     args = {"overlong_buffer": 2, "filter_groups": True}
-    reward = module(RewardInference, "reward", args, {"num_inference_per_prompt": 2})
+    reward = module(RewardInference, "reward", args, OVER_SAMPLED)
     data = rollout(
         ["1", "1", "5", "5", "7", "7"],
         ["2", "2x", "6789", "6", "89", ""],
@@ -240,8 +243,7 @@ def test_reward_overlong_penalty_and_dynamic_sampling():
 
 
 def test_a_generation_call_whose_groups_all_tie_returns_no_rows():
-    reward = module(RewardInference, "reward", {"filter_groups": True},
-                    {"num_inference_per_prompt": 2})  # fmt: skip
+    reward = module(RewardInference, "reward", {"filter_groups": True}, OVER_SAMPLED)
     out = reward.forward_step(rollout(["1", "1"], ["2", "2"], [2, 2]))
     assert {len(v) for v in out.values()} == {0} and "advantages" in out
 

@@ -201,3 +201,10 @@ def test_ranks_with_different_configs_are_stopped_before_running(tmp_path):
     assert "rank(s) [1] compiled a different plan or config than rank 0" in result.stderr
     assert "rank 1 against rank 0: runtime.seed: 1234 -> 99" in result.stderr  # the key named
     assert not list(tmp_path.glob("rank*.pt"))  # nothing ran
+
+
+def test_ranks_with_different_data_are_stopped_before_running(tmp_path):
+    result = run_job(tmp_path, COLOCATED_2, nproc=2, env={"FLOWGRAPH_TEST_RANK1_DATA": "1"})
+    assert result.returncode != 0
+    assert "rank 1 holds other data than rank 0 (Dataset(48 samples from a list)" in result.stderr
+    assert not list(tmp_path.glob("rank*.pt"))

@@ -11,6 +11,8 @@ A batch is a ``dict[str, Tensor | list]`` whose values all have the same length 
 
 from __future__ import annotations
 
+import array
+import hashlib
 import numbers
 import os
 import random
@@ -311,6 +313,7 @@ class Dataset:
     """
 
     def __init__(self, samples: Any, seed: int, what: str = "dataset") -> None:
+        self.what = what
         self.source = str(samples) if is_path(samples) else "a list"
         if is_path(samples):
             rows = open_rows(samples, what)
@@ -320,17 +323,25 @@ class Dataset:
         else:
             self.samples = _sample_list(samples, what)
         self.seed = seed
-        self._orders: dict[int, list[int]] = {}
+        self._orders: dict[int, Sequence[int]] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def fingerprint(self) -> str:
+        """A digest of the rows' count and of the first and last rows: ranks (or a resumed
+        run) that compare it see whether they hold the same data."""
+        n = len(self.samples)
+        ends = [self.samples[i] for i in sorted({0, 1, 2, n - 3, n - 2, n - 1}) if 0 <= i < n]
+        text = f"{n}:{ends!r}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def __str__(self) -> str:
         return f"Dataset({len(self)} samples from {self.source})"
 
     def _order(self, data_epoch: int) -> list[int]:
         if data_epoch not in self._orders:
-            order = list(range(len(self.samples)))
+            order = array.array("q", range(len(self.samples)))  # 8 bytes a row, not a list
             random.Random(self.seed * 1_000_003 + data_epoch).shuffle(order)
             self._orders = {data_epoch: order}  # one pass at a time is enough
         return self._orders[data_epoch]

@@ -5,8 +5,10 @@ A file is converted to Arrow once (in the ``datasets`` cache, ``HF_DATASETS_CACH
 ranks of a job share the conversion through its file lock) and then mapped, never read
 into Python objects: every rank maps the same pages, and a row becomes a sample dict only
 when an episode draws it. A file's rows are the samples a list of the same dicts would be,
-so a run on ``prompts.jsonl`` trains exactly as one on ``json.load``-ed rows. CSV has no
-types: its columns are read as text.
+so a run on ``prompts.jsonl`` trains exactly as one on ``json.load``-ed rows, where the
+rows have the same keys and one type per column (Arrow types a column once: mixed ints
+and floats read as floats, a missing key as None). CSV has no types: its columns are read
+as text.
 
 Example::
 

@@ -108,7 +108,7 @@ def find_checkpoint(source: str | os.PathLike) -> Checkpoint:
         >>> find_checkpoint("/no/such/run")
         Traceback (most recent call last):
         ...
-        flowgraph.export.ExportError: /no/such/run does not exist: pass a run's ...
+        flowgraph.errors.ExportError: /no/such/run does not exist: pass a run's ...
     """
     path = Path(source)
     if not path.exists():
@@ -389,7 +389,12 @@ def _publish(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / out.name)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:  # put the previous export back
+            os.replace(old / out.name, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -412,6 +417,9 @@ def export(
         kind = type(lm).__name__
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay on the published directory
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:

@@ -84,7 +84,7 @@ def extract_answer(text: str) -> str | None:
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?"
 _NUMERIC = re.compile(rf"([+-]?)\(?([+-]?{_NUMBER})\)?(?:/\(?([+-]?{_NUMBER})\)?)?")
 _GROUPED = re.compile(r"[+-]?\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?")  # 1,000,000 and 1 000
-_WITH_UNIT = re.compile(r"(.*?[\d)])\s*[a-zA-Z]+(?:\^?\d)?(?:/[a-zA-Z]+)?\.?")  # 5 cm, 3 m/s
+_WITH_UNIT = re.compile(r"(.*?[\d)])\s+[a-zA-Z]+(?:\^?\d)?(?:/[a-zA-Z]+)?\.?")  # 5 cm, 3 m/s
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
 _FRAC = re.compile(r"\\frac\{([^{}]*)\}\{([^{}]*)\}")
 _DROPPED = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\$", "$",
@@ -122,9 +122,9 @@ def _number(s: str) -> tuple[Fraction, bool, bool] | None:
     s = s[:-1].strip() if percent else s
     if _GROUPED.fullmatch(s):
         s = re.sub(r"[, ]", "", s)
-    m = _NUMERIC.fullmatch(s.replace(" ", ""))
+    m = _NUMERIC.fullmatch(_tight(s))
     if not m and (unit := _WITH_UNIT.fullmatch(s)):
-        m = _NUMERIC.fullmatch(unit.group(1).replace(" ", ""))
+        m = _NUMERIC.fullmatch(_tight(unit.group(1)))
     if not m:
         return None
     sign, numerator, denominator = m.groups()
@@ -134,6 +134,12 @@ def _number(s: str) -> tuple[Fraction, bool, bool] | None:
         return None
     inexact = any(c in numerator + (denominator or "") for c in ".eE")
     return (-value if sign == "-" else value), inexact, percent
+
+
+def _tight(s: str) -> str:
+    """``s`` without the spaces a number may hold (after a sign, around ``/``), keeping
+    those between digits: ``"1 2"`` is no number (not 12), ``"1 1/2"`` no fraction."""
+    return re.sub(r"\s*/\s*", "/", re.sub(r"^([+-])\s+", r"\1", s.strip()))
 
 
 def _close(a: Fraction, b: Fraction, inexact: bool) -> bool:
@@ -149,6 +155,8 @@ def _equal(p: str, r: str) -> bool:
     ta, tb = _tuple(p), _tuple(r)
     if ta and tb and ta[0] == tb[0] and len(ta[1]) == len(tb[1]):
         return all(_equal(x, y) for x, y in zip(ta[1], tb[1], strict=True))
+    if re.fullmatch(r"[\d\s.,]+", p) or re.fullmatch(r"[\d\s.,]+", r):  # "1 2" is not "12"
+        return " ".join(p.split()) == " ".join(r.split())
     return bool(p) and re.sub(r"\s+", "", p).lower() == re.sub(r"\s+", "", r).lower()
 
 

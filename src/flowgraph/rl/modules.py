@@ -51,8 +51,8 @@ picks the estimator; by default ``gae`` when a value model added ``old_values``,
 ``grpo``. Per-token advantages (``gae``, ``reinforce_pp``, ``reinforce_pp_baseline``) are
 trained by ``PolicyTrainer``, which whitens them over the global step (REINFORCE++'s
 global normalisation); one advantage per row (``grpo``, ``rloo``) by ``GRPOTrainer``.
-DAPO is ``DAPOTrainer`` (beta 0, ``clip_high`` 0.28, token-level loss) with a reward of
-``overlong_buffer`` DAPO's overlong penalty: 0 up to response_length minus      0 (off)
+DAPO is ``DAPOTrainer`` (beta 0, ``clip_high`` 0.28, token-level loss) with a reward
+whose ``overlong_buffer`` adds the soft overlong penalty and whose ``filter_groups``
 returns only the groups whose task scores differ, so the env must over-sample
 (``sample_per_episode`` above what the optimizer steps need). RLOO is ``advantage:
 rloo`` with ``GRPOTrainer`` at beta 0 (``examples/rloo.py``); REINFORCE++ is ``advantage:
@@ -472,6 +472,18 @@ class RewardInference(GPTModule):
             raise ConfigError(
                 f"{where}.{what} compares the answers to one prompt, but "
                 f"runtime.num_inference_per_prompt is {groups}; set it to 2 or more (e.g. 8)"
+            )
+        runtime = self.runtime_config
+        if (
+            self.arg("filter_groups", False)
+            and runtime.global_batch_size >= runtime.rows_per_episode
+        ):
+            raise ConfigError(
+                f"{where}.filter_groups: true drops groups, but one optimizer step takes "
+                f"train_global_batch_size={runtime.global_batch_size} of the episode's "
+                f"{runtime.rows_per_episode} rows, so an episode that drops one group trains "
+                "nothing: over-sample (raise runtime.sample_per_episode) or set "
+                f"runtime.train_global_batch_size below {runtime.rows_per_episode}"
             )
 
     def verifiable_reward(self) -> rewards.Reward | None:

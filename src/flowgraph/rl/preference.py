@@ -41,7 +41,6 @@ from flowgraph.rl.dpo import LOSS_TYPES, check_settings, dpo_loss, sequence_logp
 from flowgraph.rl.hf import HFTokenizer
 from flowgraph.rl.modules import GPTModule
 from flowgraph.rl.sampling import left_pad, response_logits, token_logprobs
-from flowgraph.rl.tokenizer import pad_batch
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 REFERENCE_KEYS = ("sequences", "ref_chosen_logps", "ref_rejected_logps")  # DPOReference's
@@ -68,8 +67,7 @@ def _encode_responses(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.
     """Right-padded ids of responses, which continue their prompt: without the special
     tokens (a BOS) that a Hugging Face tokenizer puts in front of a whole text."""
     if isinstance(tokenizer, HFTokenizer):
-        encoded = [tokenizer.tok.encode(text, add_special_tokens=False) for text in texts]
-        return pad_batch(encoded, tokenizer.pad_id, side="right")
+        return tokenizer.batch(texts, side="right", add_special_tokens=False)
     return tokenizer.batch(texts, side="right")
 
 
@@ -235,6 +233,15 @@ class DPOReference(GPTModule):
             raise ConfigError(
                 f"{self.name}.pair_step pairs the two answers of each prompt, but "
                 f"runtime.num_inference_per_prompt is {groups}; set it to 2"
+            )
+        runtime = self.runtime_config
+        if runtime.global_batch_size > runtime.sample_per_episode:
+            raise ConfigError(
+                f"{self.name}.pair_step makes at most one pair of each of the episode's "
+                f"{runtime.sample_per_episode} prompts (ties are dropped), fewer than one "
+                f"optimizer step's train_global_batch_size={runtime.global_batch_size}: no "
+                "step would run; set runtime.train_global_batch_size to a fraction of "
+                "sample_per_episode (e.g. a quarter)"
             )
         return self._with_logprobs(pair_answers(data, f"{self.name}.pair_step"))
 

@@ -296,7 +296,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def shutdown_pools() -> None:
     """Stops the worker processes of ``score_rows`` (also done at exit)."""
     while _POOLS:
-        _POOLS.popitem()[1].shutdown(wait=True, cancel_futures=True)
+        _POOLS.popitem()[1].shutdown(wait=False, cancel_futures=True)  # a hung reward: no wait
 
 
 atexit.register(shutdown_pools)

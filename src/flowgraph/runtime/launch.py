@@ -34,7 +34,26 @@ def run(job: Job, compile_for: Callable[[ClusterSpec], Plan]) -> list[EpisodeRec
     comm.init(job.config.runtime.timeout_s)
     plan = compile_for(comm.cluster())
     check_same_plan(comm, plan, job.config)
+    check_same_data(comm, job)
     return EpisodeLoop(plan, job, comm).run()
+
+
+def check_same_data(comm: Communicator, job: Job) -> None:
+    """Every rank must hold the same training and evaluation data (a path that names
+    another file on another node, a script that builds its list differently per rank)."""
+    if comm.world_size == 1:
+        return
+    datasets = [d for d in (job.dataset, job.eval_dataset) if d is not None]
+    mine = [(str(d), d.fingerprint()) for d in datasets]
+    parts = comm.all_gather_objects(mine)
+    for rank, theirs in enumerate(parts):
+        for (name, digest), (other, other_digest) in zip(parts[0], theirs, strict=True):
+            if digest != other_digest:
+                raise PlanError(
+                    f"rank {rank} holds other data than rank 0 ({other} against {name}): "
+                    "every rank must read the same dataset; use an absolute path to a file "
+                    "that is the same on every node"
+                )
 
 
 def check_same_plan(comm: Communicator, plan: Plan, config: Config) -> None:
