@@ -286,11 +286,13 @@ class Engine:
             if (name in trained if setting is None else setting)
         ]
 
-    def program(self, config: Config) -> Program:
-        """What the compiler needs: graphs, plain facts about every model, syncs."""
+    def program(self, config: Config, eval_data: Dataset | None = None) -> Program:
+        """What the compiler needs: graphs, plain facts about every model, syncs
+        (``eval_data``: the evaluation set when the caller has opened it already)."""
         self.check_config(config)
         trainable = set(self.trainable_models(config))
-        eval_data = self._eval_data(config, required=False)
+        if eval_data is None:
+            eval_data = self._eval_data(config, required=False)
         return Program(
             graphs=self.graphs(),
             models={
@@ -393,14 +395,15 @@ class Engine:
                 "no training data: call engine.set_dataset(train_prompts) first, or set "
                 "runtime.data_path=FILE"
             )
-        program = self.program(config)
+        eval_data = self._eval_data(config)  # opened once: the plan and the run share it
+        program = self.program(config, eval_data)
         seed = config.runtime.seed
         what = "runtime.data_path" if config.runtime.data_path else "Engine dataset"
         job = Job(
             config=config,
             modules=self.modules,
             dataset=Dataset(train_source, seed=seed, what=what),
-            eval_dataset=self._eval_data(config),
+            eval_dataset=eval_data,
             post_process=self.evaluator.post_process if self.evaluator else None,
             on_setup=self._mark_learned,
         )

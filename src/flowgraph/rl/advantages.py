@@ -31,18 +31,14 @@ from __future__ import annotations
 
 import torch
 
-from flowgraph.rl.grpo import group_advantages
+from flowgraph.rl.grpo import check_groups, group_advantages
 from flowgraph.rl.ppo import gae, token_rewards
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 
 def _groups(rewards: torch.Tensor, num_generations: int, what: str) -> torch.Tensor:
-    if rewards.numel() % num_generations:
-        raise ValueError(
-            f"{rewards.numel()} rewards do not form groups of num_generations="
-            f"{num_generations}; keep each prompt's samples together in one micro-batch"
-        )
+    check_groups(rewards, num_generations)
     if num_generations < 2:
         raise ValueError(
             f"{what} needs at least 2 answers per prompt to compare them, got "

@@ -17,17 +17,22 @@ import torch
 from flowgraph.rl.ppo import TIS_CAP, kl_penalty, masked_mean, off_policy_correction
 
 
+def check_groups(rewards: torch.Tensor, num_generations: int) -> None:
+    """Rewards ``[B]`` must form whole groups of ``num_generations`` consecutive rows."""
+    if rewards.numel() % num_generations:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not form groups of num_generations="
+            f"{num_generations}; keep each prompt's samples together in one micro-batch"
+        )
+
+
 def group_advantages(
     rewards: torch.Tensor, num_generations: int, scale: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
     """``(r - mean of its group) / (std of its group + eps)`` for rewards ``[B]`` whose
     consecutive ``num_generations`` rows are one prompt's samples (``scale=False``: no
     division, as Dr. GRPO recommends)."""
-    if rewards.numel() % num_generations:
-        raise ValueError(
-            f"{rewards.numel()} rewards do not form groups of num_generations="
-            f"{num_generations}; keep each prompt's samples together in one micro-batch"
-        )
+    check_groups(rewards, num_generations)
     if not rewards.numel():  # a generation call whose every group dynamic sampling dropped
         return rewards.clone()
     groups = rewards.view(-1, num_generations)
