@@ -98,3 +98,58 @@ def test_layout_gives_the_numbers_of_one_process(single, tmp_path, name):
         assert a["episode"] == b["episode"] and set(a["metrics"]) == set(b["metrics"])
         for key, value in a["metrics"].items():
             assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+# -- uneven data-parallel shares (issue 18) ------------------------------------------------
+# 12 samples in micro-batches of 4: 3 micro-batches, which 2 inference ranks cannot split
+# evenly; the last wave is partial and its second rank owns nothing. Trainers keep even
+# shares (8 rows a step over 1 or 2 ranks of 2-row micro-batches).
+UNEVEN_RUNTIME = {**RUNTIME, "sample_per_episode": 12}
+
+
+def uneven(groups, sizes):
+    config = layout(groups, sizes)
+    config["runtime"] = {**UNEVEN_RUNTIME, "colocation": groups}
+    return config
+
+
+UNEVEN = {
+    # everything on 2 ranks: r0 owns micro-batches 0 and 2, r1 only 1
+    "2-colocated": (uneven([MODELS], dict.fromkeys(MODELS, 2)), 2),
+    # policy+reference on r0-r1 send a partial last wave to r2; r3 has nothing to do
+    "3-split-1-idle": (uneven([["policy", "reference"],
+                               ["value", "reward", "ppo_policy", "ppo_value"]],
+                              {"policy": 2, "reference": 2, "value": 1, "reward": 1,
+                               "ppo_policy": 1, "ppo_value": 1}), 4),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single_uneven(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-process-uneven")
+    result = run_job(out, {"runtime": UNEVEN_RUNTIME}, nproc=1)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("name", list(UNEVEN))
+def test_uneven_inference_shares_give_the_numbers_of_one_process(single_uneven, tmp_path, name):
+    import spmd_job
+
+    config, nproc = UNEVEN[name]
+    plan = spmd_job.engine.compile(ClusterSpec.cpu(nproc), load_config(config))
+    assert plan.waves["env"] == 2 and plan.phases["env"].width == 2  # 3 micro-batches, 2 waves
+    used = {r for p in plan.placement for r in p.ranks}
+    assert len(used) == world_size(config) and nproc - len(used) == (1 if "idle" in name else 0)
+    result = run_job(tmp_path, config, nproc=nproc, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = hosted_parameters(single_uneven), hosted_parameters(tmp_path)
+    assert set(got) == set(MODELS)
+    for model in MODELS:
+        for pname, tensor in expected[model].items():
+            torch.testing.assert_close(got[model][pname], tensor, rtol=1e-5, atol=1e-6,
+                                       msg=f"{model}.{pname}")  # fmt: skip
+    for a, b in zip(records(single_uneven), records(tmp_path), strict=True):
+        assert a["episode"] == b["episode"] and set(a["metrics"]) == set(b["metrics"])
+        for key, value in a["metrics"].items():
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -5,59 +5,87 @@ stage by stage; disjoint groups run concurrently and pipeline micro-batch waves.
 
 - Explicit: every model has an integer ``num_gpu`` and ``runtime.colocation`` is a list.
   Each colocation group gets ``num_gpu`` ranks shared by its members; every other model
-  gets ranks of its own; groups are laid out in order of first use in the flows.
+  gets ranks of its own; groups are laid out in order of first use in the flows. Ranks
+  left over are idle (the notes say so).
 - Automatic (any ``num_gpu: auto``, or ``colocation: auto``): candidate layouts are
-  compared with the cost model and the fastest one that fits memory and divides the
-  batches wins. Candidates keep the user's colocation groups together and the user's
-  integer ``num_gpu`` values exact. Families: everything on all devices; trainers apart
-  from inference models (several splits); every group on its own share, proportional to
-  its compute.
+  compared with the cost model and the fastest one that fits memory and the batches wins
+  (estimates within ``TIE`` of the fastest count as a tie, won by the layout with fewer
+  devices). Candidates keep the user's colocation groups together and the user's integer
+  ``num_gpu`` values exact; a model without parameters (a rule reward) joins the group of
+  the model whose output it reads instead of taking devices. Every group is sized by what
+  its models can use, so a layout may leave devices idle: an inference model at most the
+  env's micro-batches (``ceil(sample_per_episode / generation_batch_size)``; a mesh need
+  not divide them, the last wave is partial), a trainer a mesh that splits a global step
+  evenly (``train_global_batch_size % (train_micro_batch_size * n) == 0``), a model only
+  the eval flow calls at most the eval's micro-batches. Families: everything on one
+  group; trainers apart from inference models (several splits); every group on its own
+  share, proportional to its compute.
+- An infeasible request is one error of at most three lines: the binding constraint and
+  the smallest change that fixes it.
+
+What a model can use, whether a layout fits, and the explanations (infeasible requests,
+idle devices) are ``feasibility.py``'s; the data classes are ``layout.py``'s, re-exported
+here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
-from flowgraph.compiler.cluster import ClusterSpec, Mesh
-from flowgraph.compiler.cost import ModelSpec, Workload, format_bytes, memory
+from flowgraph.compiler.cluster import Mesh, format_ranks
+from flowgraph.compiler.feasibility import (
+    check_layout,
+    first_problem,
+    fixed_size,
+    idle_note,
+    infeasible_message,
+    largest_size,
+    model_cap,
+    unit_cap,
+)
+from flowgraph.compiler.layout import Group, Layout, PlacementRequest
 from flowgraph.compiler.plan import format_seconds
 from flowgraph.errors import LayoutError, PlanError, did_you_mean
 
+__all__ = [
+    "SHOWN_REJECTIONS",
+    "TIE",
+    "Group",
+    "Layout",
+    "PlacementRequest",
+    "candidate_layouts",
+    "check_layout",
+    "explicit_layout",
+    "fold_parameterless",
+    "is_explicit",
+    "largest_size",
+    "model_cap",
+    "place",
+    "producers",
+    "respects_constraints",
+    "unit_cap",
+    "units",
+]
+
 SHOWN_REJECTIONS = 4  # rejected layouts listed in the plan's notes
+TIE = 0.01  # estimates this close (relative) to the fastest tie; fewer devices win a tie
 
 
-@dataclass(frozen=True)
-class Group:
-    """Models that share one set of ranks."""
-
-    models: tuple[str, ...]
-    mesh: Mesh
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One candidate placement: a name for reports, and its groups."""
-
-    name: str
-    groups: tuple[Group, ...]
-
-    def mesh_of(self, model: str) -> Mesh:
-        return next(g.mesh for g in self.groups if model in g.models)
-
-
-@dataclass(frozen=True)
-class PlacementRequest:
-    """What placement needs: models in first-use order, the user's constraints, sizes."""
-
-    models: tuple[str, ...]
-    specs: dict[str, ModelSpec]
-    num_gpu: dict[str, int | str]
-    colocation: list[list[str]] | str
-    inference_models: frozenset[str]  # models whose mesh must divide the env micro-batches
-    work: Workload
-    cluster: ClusterSpec
+def producers(graphs: Mapping[str, object]) -> dict[str, str | None]:
+    """For every model, the model whose output its first call reads first (the env flow
+    first, then the others in order); ``None`` when that call reads only the flow's input."""
+    result: dict[str, str | None] = {}
+    for role in sorted(graphs, key=lambda r: r != "env"):
+        graph = graphs[role]
+        for node in graph.calls():
+            if node.model in result:
+                continue
+            made = (graph.node(i) for i in node.inputs)
+            result[node.model] = next(
+                (n.model for n in made if n.op == "call_model" and n.model != node.model), None
+            )
+    return result
 
 
 def units(request: PlacementRequest) -> list[tuple[str, ...]]:
@@ -86,6 +114,37 @@ def units(request: PlacementRequest) -> list[tuple[str, ...]]:
             placed.add(owner[name])
             result.append(tuple(m for m in request.models if owner.get(m) == owner[name]))
     return result
+
+
+def fold_parameterless(
+    request: PlacementRequest, unit_list: list[tuple[str, ...]]
+) -> list[tuple[str, ...]]:
+    """Units after every model without parameters (alone, ``num_gpu: auto``) joined the
+    unit of the model whose output it reads (a model reading only the flow's input joins
+    the first unit): it costs no memory, and apart it would only add transfers."""
+    position = {m: i for i, m in enumerate(request.models)}
+
+    def movable(unit: tuple[str, ...]) -> bool:
+        m = unit[0]
+        return (
+            len(unit) == 1
+            and request.specs[m].params == 0
+            and not isinstance(request.num_gpu[m], int)
+        )
+
+    kept = [u for u in unit_list if not movable(u)]
+    if not kept:  # nothing has parameters: one unit of everything
+        return [tuple(sorted((m for u in unit_list for m in u), key=position.__getitem__))]
+    home = {m: i for i, u in enumerate(kept) for m in u}
+    moving = [u[0] for u in unit_list if movable(u)]
+    members = [list(u) for u in kept]
+    for m in moving:
+        seen, host = {m}, request.producers.get(m)
+        while host is not None and host not in home and host not in seen:
+            seen.add(host)  # the producer has no parameters either: follow it
+            host = request.producers.get(host)
+        members[home.get(host, 0)].append(m)
+    return [tuple(sorted(u, key=position.__getitem__)) for u in members]
 
 
 def is_explicit(request: PlacementRequest) -> bool:
@@ -118,111 +177,96 @@ def explicit_layout(request: PlacementRequest, unit_list: list[tuple[str, ...]])
     return Layout("explicit", tuple(groups))
 
 
-def check_layout(layout: Layout, request: PlacementRequest) -> None:
-    """Raise ``LayoutError`` when a layout does not fit memory, does not divide the batches,
-    or puts a ZeRO-3 trainer on a mesh that is not every rank."""
-    work = request.work
-    env_microbatches = math.ceil(work.sample_per_episode / work.generation_batch_size)
-    for group in layout.groups:
-        n = group.mesh.size
-        usage = {m: memory(request.specs[m], n, work, request.cluster).total for m in group.models}
-        offloaded = [usage[m] for m in group.models if request.specs[m].offload]
-        resident = sum(usage[m] for m in group.models if not request.specs[m].offload)
-        total = resident + (max(offloaded) if offloaded else 0.0)
-        budget = request.cluster.device_memory_bytes
-        if total > budget:
-            detail = ", ".join(f"{m} {format_bytes(v)}" for m, v in usage.items())
-            raise LayoutError(
-                f"{group.mesh} needs {format_bytes(total)} per device ({detail}) but has "
-                f"{format_bytes(budget)}",
-                "give these models more devices (num_gpu), shard trainers with backend: "
-                "deepspeed and zero_stage: 3, set offload: true on colocated models, or place "
-                "them apart",
-            )
-        for m in group.models:
-            spec = request.specs[m]
-            world = request.cluster.world_size
-            if spec.zero_stage == 3 and n != world:
-                raise LayoutError(
-                    f"models.{m}: zero_stage 3 on ranks {list(group.mesh.ranks)} of {world}: "
-                    "DeepSpeed partitions ZeRO-3 models with a barrier over all ranks, so the "
-                    "trainer's mesh must cover every rank",
-                    f"colocate it with the other models (runtime.colocation, num_gpu: {world}) "
-                    "or use zero_stage 1 or 2",
-                )
-            if spec.trainable and n > 1:  # each data-parallel rank gets equal micro-batches
-                per_step = work.train_micro_batch_size * n
-                if work.train_global_batch_size % per_step:
-                    raise LayoutError(
-                        f"{m} trains on {n} devices, so train_global_batch_size "
-                        f"({work.train_global_batch_size}) must be a multiple of "
-                        f"train_micro_batch_size x {n} = {per_step}",
-                        f"change the batch sizes or models.{m}.num_gpu",
-                    )
-            elif m in request.inference_models and env_microbatches % n:
-                raise LayoutError(
-                    f"{m} runs on {n} devices but an episode has {env_microbatches} micro-batches "
-                    f"(sample_per_episode {work.sample_per_episode} / generation_batch_size "
-                    f"{work.generation_batch_size}), which do not split evenly over {n}",
-                    f"make the micro-batch count a multiple of {n} or change models.{m}.num_gpu",
-                )
+# -- candidates --------------------------------------------------------------------------
+def _size(unit: tuple[str, ...], limit: int, request: PlacementRequest) -> int | None:
+    """The user's num_gpu for ``unit`` if set, else the largest acceptable size <= limit."""
+    fixed = fixed_size(unit, request)
+    if fixed is not None:
+        return fixed
+    return largest_size(unit, min(limit, unit_cap(unit, request)), request)
 
 
 def candidate_layouts(request: PlacementRequest, unit_list: list[tuple[str, ...]]) -> list[Layout]:
-    """The layouts automatic placement compares (before constraints are applied)."""
+    """The layouts automatic placement compares (before memory is checked), each group
+    sized by what its models can use."""
     world = request.cluster.world_size
-    all_models = tuple(m for unit in unit_list for m in unit)
-    layouts = [Layout(f"colocate all on {world}", (Group(all_models, Mesh(range(world))),))]
+    position = {m: i for i, m in enumerate(request.models)}
+
+    def merged(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+        return tuple(sorted((m for u in parts for m in u), key=position.__getitem__))
+
+    all_models = merged(unit_list)
+    n = _size(all_models, world, request)
+    if n is None:  # a ZeRO-3 trainer whose steps do not split over every rank: say so
+        n = world
+    layouts = [Layout(f"colocate all on {n}", (Group(all_models, Mesh(range(n))),))]
     trainer_units = [u for u in unit_list if any(request.specs[m].trainable for m in u)]
     other_units = [u for u in unit_list if u not in trainer_units]
     if trainer_units and other_units and world > 1:
-        infer = tuple(m for u in other_units for m in u)
-        train = tuple(m for u in trainer_units for m in u)
-        for a in _split_points(world):
+        infer, train = merged(other_units), merged(trainer_units)
+        infer_cap = fixed_size(infer, request) or min(unit_cap(infer, request), world - 1)
+        for point in _split_points(world, infer_cap):
+            b = _size(train, world - point, request)
+            if b is None or b >= world:
+                continue
+            a = fixed_size(infer, request) or min(infer_cap, world - b)  # inference takes the rest
+            if a < 1:
+                continue
             layouts.append(
                 Layout(
-                    f"inference {a} + trainers {world - a}",
-                    (Group(infer, Mesh(range(a))), Group(train, Mesh(range(a, world)))),
+                    f"inference {a} + trainers {b}",
+                    (Group(infer, Mesh(range(a))), Group(train, Mesh(range(a, a + b)))),
                 )
             )
     if 1 < len(unit_list) <= world:
-        proportional = _proportional(request, unit_list)
-        if proportional is not None:
-            layouts.append(proportional)
-    return layouts
+        apart = _apart(request, unit_list)
+        if apart is not None:
+            layouts.append(apart)
+    unique: dict[tuple, Layout] = {}
+    for layout in layouts:
+        key = tuple((g.models, g.mesh.size) for g in layout.groups)
+        unique.setdefault(key, layout)
+    return list(unique.values())
 
 
-def _split_points(world: int) -> list[int]:
+def _split_points(world: int, limit: int) -> list[int]:
+    """Inference mesh sizes to try: eighths of the cluster and powers of two, up to what
+    the inference models can use."""
     points = {world * k // 8 for k in range(1, 8)} | {2**j for j in range(world.bit_length())}
-    return sorted(p for p in points if 0 < p < world)
+    tried = {min(p, limit) for p in points if 0 < p < world}
+    return sorted(tried | {limit} if 0 < limit < world - 1 else tried)
 
 
-def _proportional(request: PlacementRequest, unit_list: list[tuple[str, ...]]) -> Layout | None:
-    """Each unit alone, with devices in proportion to its compute (fixed num_gpu kept);
-    ``None`` when the units cannot each get a device."""
+def _apart(request: PlacementRequest, unit_list: list[tuple[str, ...]]) -> Layout | None:
+    """Each unit alone, with devices in proportion to its compute up to what it can use
+    (fixed num_gpu kept); ``None`` when the units cannot each get a device."""
     world = request.cluster.world_size
-    fixed = {
-        i: request.num_gpu[u[0]]
-        for i, u in enumerate(unit_list)
-        if isinstance(request.num_gpu[u[0]], int)
-    }
+    fixed = {i: f for i, u in enumerate(unit_list) if (f := fixed_size(u, request)) is not None}
     free = world - sum(fixed.values())
     loads = {i: _compute_load(request, u) for i, u in enumerate(unit_list) if i not in fixed}
+    caps = {i: unit_cap(unit_list[i], request) for i in loads}
     total = sum(loads.values()) or 1.0
     sizes = dict(fixed)
     for i, load in loads.items():
-        sizes[i] = max(1, _power_of_two_floor(free * load / total))
+        wanted = min(caps[i], _power_of_two_floor(free * load / total))
+        size = largest_size(unit_list[i], wanted, request)
+        if size is None:
+            return None  # a ZeRO-3 trainer cannot have a share of the cluster
+        sizes[i] = size
     # Rounding every unit up to one device may overshoot: halve the largest until it fits.
     while sum(sizes.values()) > world:
         shrinkable = [i for i in loads if sizes[i] > 1]
         if not shrinkable:
             return None
         largest = max(shrinkable, key=lambda k: (sizes[k], -k))
-        sizes[largest] //= 2
-    # Hand leftover devices to the heaviest units, doubling while they fit.
+        sizes[largest] = largest_size(unit_list[largest], sizes[largest] // 2, request) or 1
+    # Hand leftover devices to the heaviest units, doubling while they fit and can use them.
     for i in sorted(loads, key=lambda k: (-loads[k], k)):
-        while sum(sizes.values()) + sizes[i] <= world:
-            sizes[i] *= 2
+        while True:
+            grown = largest_size(unit_list[i], min(caps[i], 2 * sizes[i]), request)
+            if grown is None or grown <= sizes[i] or sum(sizes.values()) - sizes[i] + grown > world:
+                break
+            sizes[i] = grown
     groups, start = [], 0
     for i, unit in enumerate(unit_list):
         groups.append(Group(unit, Mesh(range(start, start + sizes[i]))))
@@ -244,7 +288,7 @@ def _compute_load(request: PlacementRequest, unit: tuple[str, ...]) -> float:
 
 
 def respects_constraints(layout: Layout, request: PlacementRequest) -> bool:
-    if layout.groups and sum(g.mesh.size for g in layout.groups) > request.cluster.world_size:
+    if layout.groups and layout.devices > request.cluster.world_size:
         return False
     return all(
         not isinstance(request.num_gpu[m], int) or layout.mesh_of(m).size == request.num_gpu[m]
@@ -252,12 +296,14 @@ def respects_constraints(layout: Layout, request: PlacementRequest) -> bool:
     )
 
 
+# -- the pass ----------------------------------------------------------------------------
 def place(
     request: PlacementRequest, estimate: Callable[[Layout], float]
 ) -> tuple[Layout, list[str]]:
     """The layout to run, and report lines on how it was chosen."""
     unit_list = units(request)
-    if request.cluster.world_size == 1:  # one process: everything on its one device
+    world = request.cluster.world_size
+    if world == 1:  # one process: everything on its one device
         layout = Layout("one device", (Group(request.models, Mesh(range(1))),))
         check_layout(layout, request)
         wanted = [f"{m}: num_gpu {n}" for m, n in request.num_gpu.items()
@@ -269,33 +315,38 @@ def place(
     if is_explicit(request):
         layout = explicit_layout(request, unit_list)
         check_layout(layout, request)
-        return layout, []
-    report, best, best_time, rejected, fixes = [], None, math.inf, [], []
+        idle = world - layout.devices
+        if not idle:
+            return layout, []
+        spare = format_ranks(range(layout.devices, world))
+        return layout, [f"{idle:,} of {world:,} devices idle ({spare}): the num_gpu settings "
+                        f"use {layout.devices:,}"]  # fmt: skip
+    unit_list = fold_parameterless(request, unit_list)
+    timed: list[tuple[float, Layout]] = []
+    rejected: list[tuple[Layout, LayoutError, float]] = []
     for layout in candidate_layouts(request, unit_list):
         if not respects_constraints(layout, request):
             continue
-        try:
-            check_layout(layout, request)
-        except LayoutError as err:
-            rejected.append(f"{layout.name}: {err.reason}")
-            fixes.append(err.fix)
+        problem = first_problem(layout, request)
+        if problem is not None:
+            rejected.append((layout, *problem))
             continue
-        seconds = estimate(layout)
-        report.append(f"  {layout.name}: {format_seconds(seconds)}")
-        if seconds < best_time:
-            best, best_time = layout, seconds
-    if best is None:
+        timed.append((estimate(layout), layout))
+    if not timed:
         if not rejected:
             raise PlanError(
                 "no candidate layout keeps the num_gpu and colocation settings: give every "
                 "model an integer num_gpu (explicit placement) or leave more of them on auto"
             )
-        reasons = "\n  ".join(rejected)
-        todo = "; or ".join(dict.fromkeys(fixes))
-        raise PlanError(f"no placement fits the cluster:\n  {reasons}\nTo fix: {todo}")
-    lines = ["auto placement compared (estimated episode time):", *report]
-    lines += [f"  {reason} (rejected)" for reason in rejected[:SHOWN_REJECTIONS]]
+        raise PlanError(infeasible_message(request, unit_list, rejected))
+    fastest = min(seconds for seconds, _ in timed)
+    best = min((layout for seconds, layout in timed if seconds <= fastest * (1 + TIE)),
+               key=lambda layout: layout.devices)  # fmt: skip
+    lines = ["auto placement compared (estimated episode time):"]
+    lines += [f"  {layout.name}: {format_seconds(seconds)}" for seconds, layout in timed]
+    lines += [f"  {layout.name}: {err.reason} (rejected)"
+              for layout, err, _ in rejected[:SHOWN_REJECTIONS]]  # fmt: skip
     if len(rejected) > SHOWN_REJECTIONS:
         lines.append(f"  ... and {len(rejected) - SHOWN_REJECTIONS} more layouts rejected")
     lines.append(f"  chosen: {best.name}")
-    return best, lines
+    return best, lines + idle_note(request, best)

@@ -6,11 +6,14 @@ trainer flow once per global step), ``sync`` (trainer -> inference weights), ``e
 
 A *wave* is ``L`` consecutive micro-batches, ``L`` the least common multiple of the mesh
 sizes involved, so every rank of every mesh handles ``L / mesh size`` micro-batches per
-wave and all ranks of a group share one stream. Groups with one model step through waves
-one by one (disjoint groups pipeline: policy works on wave 1 while reward scores wave 0);
-groups of colocated models run stage by stage (all waves of one model, then the next),
-which keeps device memory for one model at a time. A node's output is sent (asynchronously)
-once to every other group that consumes it, right after it is produced. At the end of the
+wave and all ranks of a group share one stream. The micro-batch count need not be a
+multiple of ``L``: the last wave is then partial, and the ranks whose share lies past the
+end own nothing in it (they run its instructions on no data). Groups with one model
+step through waves one by one (disjoint groups pipeline: policy works on wave 1 while
+reward scores wave 0); groups of colocated models run stage by stage (all waves of one
+model, then the next), which keeps device memory for one model at a time. A node's output
+is sent (asynchronously) once to every other group that consumes it, right after it is
+produced. At the end of the
 env phase the env's output is gathered on every rank of each trainer group (trainers
 shuffle the whole episode's data into global steps); eval outputs are gathered on rank
 0's group.
@@ -76,18 +79,11 @@ def _index(phase: str, index: int) -> dict[str, int]:
     return {"step": index} if phase == "train" else {"wave": index}
 
 
-def waves_for(meshes: list[int], microbatches: int, phase: str, exact: bool) -> int:
-    """Number of waves of ``lcm(meshes)`` micro-batches; ``exact`` demands no remainder."""
+def waves_for(meshes: list[int], microbatches: int) -> int:
+    """Number of waves of ``lcm(meshes)`` micro-batches (the last one may be partial)."""
     if not meshes:
         return 0
-    width = math.lcm(*meshes)
-    if exact and microbatches % width:
-        raise PlanError(
-            f"the {phase} phase has {microbatches} micro-batches per episode, which do not split "
-            f"into equal waves over meshes of sizes {sorted(set(meshes))} (lcm {width}): use mesh "
-            "sizes that divide one another (e.g. powers of two) or change the batch sizes"
-        )
-    return max(1, math.ceil(microbatches / width))
+    return max(1, math.ceil(microbatches / math.lcm(*meshes)))
 
 
 def _work_order(b: _Builder, spec: PhaseSpec, iterations: int) -> list[list[tuple[NodeSpec, int]]]:
@@ -168,9 +164,7 @@ def schedule(inp: ScheduleInput) -> list[RankStream]:
         if trainer is not None:
             _graph_phase(b, trainer, "train", inp.train_steps)
     if env is not None and env.nodes:
-        env_waves = waves_for(
-            [mesh_size[m] for m in env.models()], inp.env_microbatches, "env", exact=True
-        )
+        env_waves = waves_for([mesh_size[m] for m in env.models()], inp.env_microbatches)
         _graph_phase(b, env, "env", env_waves)
         if trainer is not None:  # every trainer rank holds the whole episode's data
             for group in sorted({b.group_of[m] for m in trainer.models()}):
@@ -195,9 +189,7 @@ def schedule(inp: ScheduleInput) -> list[RankStream]:
             b.emit(src, ins)
             b.emit(dst, ins)
     if evaluation is not None and evaluation.nodes:
-        eval_waves = waves_for(
-            [mesh_size[m] for m in evaluation.models()], inp.eval_microbatches, "eval", exact=False
-        )
+        eval_waves = waves_for([mesh_size[m] for m in evaluation.models()], inp.eval_microbatches)
         _graph_phase(b, evaluation, "eval", eval_waves)
         rank0 = next(i for i, s in enumerate(b.streams) if 0 in s.ranks)
         _gather(b, evaluation, "eval", eval_waves, rank0)
