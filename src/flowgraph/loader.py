@@ -22,6 +22,7 @@ from typing import Any
 from flowgraph import engine as engine_module
 from flowgraph.engine import Engine
 from flowgraph.errors import EngineError, FlowgraphError
+from flowgraph.script_config import ScriptConfig, find_default_config, given_config
 
 
 def split_target(target: str) -> tuple[Path, str | None]:
@@ -35,10 +36,26 @@ def split_target(target: str) -> tuple[Path, str | None]:
 def load_engine(target: str) -> Engine:
     """The Engine that ``target`` (``FILE[:OBJECT]``) defines; ``EngineError`` if none or
     several match."""
+    return load_script(target)[0]
+
+
+def load_script(
+    target: str, config: str | None = None, overrides: list[str] = ()
+) -> tuple[Engine, ScriptConfig]:
+    """The Engine of ``target`` and the config to plan it with: ``config`` (flowc's
+    ``--config``) when given, else the one the script's own run loads by default."""
     path, name = split_target(target)
     if not path.is_file():
         raise EngineError(f"{path}: no such file; give the training script, e.g. train.py")
     namespace = _run_script(path)
+    engine = _pick_engine(namespace, path, name)
+    chosen = given_config(config, list(overrides)) or find_default_config(
+        path.read_text(), path, namespace, list(overrides)
+    )
+    return engine, chosen
+
+
+def _pick_engine(namespace: dict[str, Any], path: Path, name: str | None) -> Engine:
     if name is not None:
         if name not in namespace:
             found = ", ".join(_engines(namespace)) or "none"
