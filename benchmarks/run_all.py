@@ -23,6 +23,7 @@ import bench_generation  # noqa: E402
 import bench_grpo  # noqa: E402
 import bench_matmul  # noqa: E402
 import bench_overhead  # noqa: E402
+import bench_placement  # noqa: E402
 import bench_rl  # noqa: E402
 import bench_runtime  # noqa: E402
 import bench_sync  # noqa: E402
@@ -38,6 +39,7 @@ def main() -> None:
         bench_trace.main()
         + bench_overhead.main()
         + bench_compile.main()
+        + bench_placement.main()
         + bench_transfer.main()
         + bench_gather.main()
         + bench_runtime.main()

@@ -6,6 +6,8 @@ flowc compile train.py --nodes 4 --gpus-per-node 8 --config train.yaml runtime.s
 flowc compile train.py --world-size 8 --json > plan.json  # the plan as JSON
 flowc compile train.py --world-size 8 --dot | dot -Tsvg > graph.svg
 flowc compile train.py --world-size 8 --png gantt.png     # Gantt chart of the schedule
+flowc profile examples/grpo.py --out grpo.json            # measure costs on this machine
+flowc compile examples/grpo.py --cpu --world-size 2 --profile grpo.json
 flowc report runs/ppo                                     # summary, curves, timeline of a run
 flowc export runs/grpo/ckpt --model grpo_policy --out hf/grpo  # a model in Hugging Face format
 """
@@ -18,7 +20,7 @@ import sys
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.config import load_config
 from flowgraph.errors import FlowgraphError
-from flowgraph.loader import load_engine
+from flowgraph.loader import load_engine, load_script
 
 TARGET_HELP = (
     'the training script; it is imported with its `if __name__ == "__main__":` block '
@@ -79,12 +81,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="config overrides, e.g. runtime.sample_per_episode=512",
     )
+    compile_.add_argument(
+        "--profile",
+        metavar="PROFILE.json",
+        help="estimate with the costs flowc profile measured (same as runtime.profile=FILE)",
+    )
     out = compile_.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the plan as JSON only")
     out.add_argument("--dot", action="store_true", help="print the dataflow graph as Graphviz DOT")
     out.add_argument("--svg", metavar="FILE", help="draw the schedule as a Gantt chart (SVG)")
     out.add_argument("--png", metavar="FILE", help="draw the schedule as a Gantt chart (PNG)")
     compile_.set_defaults(run=_compile)
+
+    profile = commands.add_parser(
+        "profile",
+        help="measure a script's costs on this machine for flowc compile --profile",
+        description="Run the Engine that FILE builds for a few traced episodes, twice (the "
+        "configured batch sizes, then halved), in one process or under torchrun with "
+        "--nproc-per-node N, and write what the cost model needs to PROFILE.json: seconds per "
+        "call of every model's method by batch size and tokens, per optimizer step of every "
+        "trainer, the links between ranks, the framework's time per episode. Then "
+        "flowc compile FILE --profile PROFILE.json (or runtime.profile) estimates with it.",
+    )
+    profile.add_argument("target", metavar="FILE[:OBJECT]", help=TARGET_HELP)
+    profile.add_argument("--out", required=True, metavar="PROFILE.json", help="file to write")
+    profile.add_argument("--config", metavar="YAML", help="config file, as flowgraph.init takes")
+    profile.add_argument(
+        "--nproc-per-node", type=int, default=1, metavar="N",
+        help="profile under torchrun with N processes (default 1: this process's kind)",
+    )  # fmt: skip
+    profile.add_argument(
+        "--episodes", type=int, default=4, metavar="E",
+        help="episodes per run (default 4; the first warms up and is not measured)",
+    )  # fmt: skip
+    profile.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    profile.set_defaults(run=_profile)
 
     report = commands.add_parser(
         "report",
@@ -121,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty --out")
     export.set_defaults(run=_export)
     return parser
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from flowgraph.profiling import profile_script
+
+    if args.nproc_per_node < 1:
+        raise SystemExit(f"flowc profile: --nproc-per-node must be at least 1, got "
+                         f"{args.nproc_per_node}")  # fmt: skip
+    profile = profile_script(args.target, args.config, args.overrides, args.out,
+                             nproc=args.nproc_per_node, episodes=args.episodes)  # fmt: skip
+    measured = profile.measured
+    estimate, median = measured["estimate_s"], measured["median_s"]
+    print(
+        f"wrote {args.out}: {len(profile.calls)} calls, {len(profile.train)} trainers, "
+        f"{len(profile.links)} links, measured on {profile.devices()}"
+    )
+    print(f"measured {median:.3f} s per episode (median of {len(measured['episodes_s'])}; "
+          f"layout {measured['layout']}); estimated with the profile {estimate:.3f} s "
+          f"({estimate / median:.2f}x)")  # fmt: skip
+    print(
+        f"use it: flowc compile {args.target} --profile {args.out} ... "
+        f"(or runtime.profile={args.out})"
+    )
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -175,9 +230,12 @@ def _cluster(args: argparse.Namespace) -> ClusterSpec:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    engine = load_engine(args.target)
+    overrides = [*args.overrides, *([f"runtime.profile={args.profile}"] if args.profile else [])]
+    engine, chosen = load_script(args.target, args.config, args.overrides)
+    config = load_config(chosen.config, overrides)
     plan = engine.compile(_cluster(args), config)
+    if not (args.json or args.dot):  # those print only the plan (they are piped on)
+        print(chosen)
     if args.json:
         print(plan.to_json())
     elif args.dot:
@@ -200,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow options (argparse stops positionals at the first one).
     unknown = [x for x in extra if x.startswith("-") or "=" not in x]
-    if unknown or (extra and args.command != "compile"):
+    if unknown or (extra and args.command not in ("compile", "profile")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

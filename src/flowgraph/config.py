@@ -146,6 +146,11 @@ class RuntimeConfig(BaseModel):
         "tensorboard package is installed.",
     )
     progress: bool = Field(True, description="Show a progress bar of the episodes (rank 0).")
+    profile: str | None = Field(
+        None,
+        description="A profile written by `flowc profile` (PROFILE.json): plan with its "
+        "measured costs instead of the analytical model, in `learn()` as in `flowc compile`.",
+    )
 
     @model_validator(mode="after")
     def _batch_sizes_agree(self) -> RuntimeConfig:

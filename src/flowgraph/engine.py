@@ -28,6 +28,7 @@ from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.compiler.graph import TRAIN_METHOD, Graph
 from flowgraph.compiler.pipeline import ModelFacts, Program, compile_plan
 from flowgraph.compiler.plan import Plan
+from flowgraph.compiler.profile import Profile
 from flowgraph.compiler.trace import TracedFlow, bind_module, trace_flow
 from flowgraph.config import Config, check_directories, current_config
 from flowgraph.data import Batch, Dataset, DataSource, checked_source
@@ -312,7 +313,7 @@ class Engine:
             print(plan.placement_table())
         """
         config = config or current_config()
-        return compile_plan(self.program(config), config, cluster)
+        return compile_plan(self.program(config), config, cluster, _profile(config))
 
     def check_config(self, config: Config) -> None:
         """Reject ``models.<name>`` sections for names no flow of this Engine calls, and
@@ -410,7 +411,8 @@ class Engine:
         if self.evaluator is not None:
             self._warn_if_never_evaluated(config)
         check_directories(config.runtime)
-        return launch.run(job, lambda cluster: compile_plan(program, config, cluster))
+        profile = _profile(config)
+        return launch.run(job, lambda cluster: compile_plan(program, config, cluster, profile))
 
     def _eval_data(self, config: Config, required: bool = True) -> Dataset | None:
         """The evaluation set: ``runtime.eval_data_path``, else the Evaluator's own (None
@@ -476,3 +478,9 @@ def _expect(value: Any, kind: type, what: str) -> Any:
             f"wrap the flow function: {kind.__name__}({what}_flow)"
         )
     return value
+
+
+def _profile(config: Config) -> Profile | None:
+    """The measured costs ``runtime.profile`` names (flowc profile), if any."""
+    path = config.runtime.profile
+    return Profile.load(path) if path else None

@@ -165,6 +165,16 @@ class NonFiniteError(FlowgraphError):
     checkpoint before it is intact. ``runtime.on_nonfinite: skip`` drops such steps."""
 
 
+class ProfileError(FlowgraphError):
+    """``flowc profile`` cannot measure the script: a profiled run failed (the message
+    quotes its last lines), batch sizes too small to measure at two sizes, or too few
+    episodes.
+
+    Example: ``flowc profile train.py --episodes 1 --out p.json``: at least 2 episodes are
+    needed, the first one warms up.
+    """
+
+
 class PlanError(FlowgraphError):
     """The compiler cannot place or schedule the flows on the given devices."""
 

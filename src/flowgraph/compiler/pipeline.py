@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flowgraph.compiler import cost
 from flowgraph.compiler.cluster import ClusterSpec
 from flowgraph.compiler.graph import Graph
 from flowgraph.compiler.lower import lower
-from flowgraph.compiler.placement import Layout, PlacementRequest, place
+from flowgraph.compiler.placement import Layout, PlacementRequest, place, producers
 from flowgraph.compiler.plan import (
     Instruction,
     PhaseSpec,
@@ -36,6 +36,7 @@ from flowgraph.compiler.plan import (
     SyncSpec,
     format_seconds,
 )
+from flowgraph.compiler.profile import Profile
 from flowgraph.compiler.schedule import ScheduleInput, schedule
 from flowgraph.compiler.simulate import Simulation, simulate
 from flowgraph.config import Config
@@ -87,6 +88,7 @@ class CompileContext:
     streams: list[RankStream] = field(default_factory=list)
     simulation: Simulation | None = None
     notes: list[str] = field(default_factory=list)
+    profile: Profile | None = None  # measured costs (flowc profile) instead of the model
 
     @property
     def work(self) -> cost.Workload:
@@ -120,7 +122,8 @@ def size_models(ctx: CompileContext) -> None:
 
 
 def place_models(ctx: CompileContext) -> None:
-    env = ctx.program.graphs.get("env")
+    graphs = ctx.program.graphs
+    env, evaluation = graphs.get("env"), graphs.get("eval")
     inference = frozenset(
         m for m in (env.models() if env else []) if m not in ctx.program.trainable
     )
@@ -132,10 +135,16 @@ def place_models(ctx: CompileContext) -> None:
         inference_models=inference,
         work=ctx.work,
         cluster=ctx.cluster,
+        eval_models=frozenset(evaluation.models() if evaluation else ()),
+        eval_microbatches=math.ceil(
+            ctx.program.eval_samples / ctx.config.runtime.generation_batch_size
+        ),
+        producers=producers(graphs),
     )
 
     def estimate(layout: Layout) -> float:
-        trial = CompileContext(ctx.program, ctx.config, ctx.cluster, ctx.specs, layout)
+        trial = CompileContext(ctx.program, ctx.config, ctx.cluster, ctx.specs, layout,
+                               profile=ctx.profile)  # fmt: skip
         schedule_streams(trial)
         simulate_streams(trial)
         return trial.simulation.estimates.episode_s
@@ -174,7 +183,74 @@ def _sync_bytes(ctx: CompileContext, src: str, dst: str) -> float:
 
 
 def simulate_streams(ctx: CompileContext) -> None:
-    ctx.simulation = simulate(ctx.streams, _durations(ctx), ctx.cluster.world_size)
+    durations = _durations(ctx) if ctx.profile is None else _profiled(ctx, _durations(ctx))
+    ctx.simulation = simulate(ctx.streams, durations, ctx.layout.devices)
+    if ctx.profile is not None and ctx.profile.overhead_s:  # measured time between instructions
+        estimates = ctx.simulation.estimates
+        ctx.simulation.estimates = replace(
+            estimates, episode_s=estimates.episode_s + ctx.profile.overhead_s
+        )
+
+
+def check_profile(ctx: CompileContext) -> None:
+    """A profile describes one kind of device: refuse it for another."""
+    profile = ctx.profile
+    if profile is None:
+        return
+    if profile.device != ctx.cluster.device:
+        flag = "--cpu" if profile.device == "cpu" else "no --cpu"
+        raise PlanError(
+            f"the profile {profile.source or ''} was measured on {profile.device} devices but "
+            f"the plan is for {ctx.cluster.device} devices: plan with {flag}, or profile the "
+            "devices you will run on"
+        )
+
+
+def _profiled(ctx: CompileContext, analytical: Callable[[int, Instruction], float]):
+    """Instruction durations from the profile where it measured them, else the model's."""
+    profile, work = ctx.profile, ctx.work
+    mesh = {m: g.mesh for g in ctx.layout.groups for m in g.models}
+    in_wave, per_rank = _wave_samples(ctx)
+    links = {kind: profile.link(kind) for kind in ("p2p", "gather", "broadcast", "allreduce")}
+
+    def seconds(group: int, ins: Instruction) -> float:
+        wave_samples = in_wave(ins)
+        if ins.op == "RUN":
+            n = mesh[ins.model].size
+            node = ctx.phases[ins.phase].node(ins.node)
+            call = profile.call(ins.model, node.method, ins.phase)
+            if call is not None:
+                samples = (work.train_global_batch_size / n if ins.phase == "train"
+                           else per_rank(ins, n))  # fmt: skip
+                tokens = work.response_length if call.generate else work.tokens_per_sample
+                return call.seconds(samples, tokens)
+        if ins.op == "TRAIN":
+            n = mesh[ins.model].size
+            step = profile.trainer(ins.model)
+            if step is not None:
+                total = step.seconds(work.train_global_batch_size / n, work.tokens_per_sample)
+                if n > 1 and links["allreduce"] is not None:
+                    grads = ctx.specs[ins.model].params * cost.FP32_BYTES
+                    total += links["allreduce"].seconds(2 * grads * (n - 1) / n)
+                return total
+        if ins.op == "RECV" and links["p2p"] is not None:
+            pairs = min(len(ins.src_ranks), len(ins.dst_ranks))
+            return links["p2p"].seconds(cost.batch_bytes(wave_samples, work) / pairs)
+        if (
+            ins.op == "GATHER"
+            and links["gather"] is not None
+            and len(set(ins.src_ranks) | set(ins.dst_ranks)) > 1
+        ):
+            return links["gather"].seconds(cost.batch_bytes(wave_samples, work))
+        if ins.op == "BCAST" and links["broadcast"] is not None:
+            bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
+            total = _sync_bytes(ctx, ins.src, ins.dst)
+            return links["broadcast"].seconds(min(bucket_bytes, total - ins.bucket * bucket_bytes))
+        if ins.op == "SYNC" and profile.sync_bytes_per_s:
+            return _sync_bytes(ctx, ins.src, ins.dst) / profile.sync_bytes_per_s
+        return analytical(group, ins)
+
+    return seconds
 
 
 def compare_on_policy(ctx: CompileContext) -> None:
@@ -185,14 +261,16 @@ def compare_on_policy(ctx: CompileContext) -> None:
         return
     runtime = ctx.config.runtime.model_copy(update={"max_staleness": 0})
     on_policy = ctx.config.model_copy(update={"runtime": runtime})
-    same = CompileContext(ctx.program, on_policy, ctx.cluster, ctx.specs, ctx.layout)
+    same = CompileContext(ctx.program, on_policy, ctx.cluster, ctx.specs, ctx.layout,
+                          profile=ctx.profile)  # fmt: skip
     schedule_streams(same)
     simulate_streams(same)
     async_s = ctx.simulation.estimates.episode_s
     lines = [f"max_staleness={k}: {format_seconds(async_s)} per episode; on-policy "
              f"(max_staleness=0) on this layout {_versus(same, async_s)}"]  # fmt: skip
     if any(note.startswith("auto placement compared") for note in ctx.notes):
-        best = CompileContext(ctx.program, on_policy, ctx.cluster, ctx.specs)
+        best = CompileContext(ctx.program, on_policy, ctx.cluster, ctx.specs,
+                              profile=ctx.profile)  # fmt: skip
         place_models(best)
         schedule_streams(best)
         simulate_streams(best)
@@ -206,27 +284,49 @@ def _versus(ctx: CompileContext, async_s: float) -> str:
     return f"{format_seconds(seconds)} (asynchronous {gain:.2f}x)"
 
 
+def _wave_samples(ctx: CompileContext):
+    """Two functions of an instruction: the samples of its wave (the last wave of a phase
+    may be partial), and the samples of its busiest rank on a mesh of ``n``."""
+    gen = ctx.work.generation_batch_size
+    width = {phase: spec.width for phase, spec in ctx.phases.items()}
+    total = {"env": math.ceil(ctx.work.sample_per_episode / gen),
+             "eval": math.ceil(ctx.program.eval_samples / gen)}  # fmt: skip
+
+    def micro_batches(ins: Instruction) -> int:
+        wide = width.get(ins.phase, 1)
+        if ins.wave is None or ins.phase not in total:
+            return wide
+        return max(0, min(wide, total[ins.phase] - ins.wave * wide))
+
+    def in_wave(ins: Instruction) -> float:
+        return micro_batches(ins) * gen
+
+    def per_rank(ins: Instruction, n: int) -> float:
+        return min(width.get(ins.phase, 1) // n, micro_batches(ins)) * gen
+
+    return in_wave, per_rank
+
+
 def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
     work, cluster = ctx.work, ctx.cluster
     bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
     mesh = {m: g.mesh for g in ctx.layout.groups for m in g.models}
-    width = {phase: spec.width for phase, spec in ctx.phases.items()}
+    in_wave, per_rank = _wave_samples(ctx)
     env = ctx.phases.get("env")
     generating = {n.name for n in env.nodes if env.input in n.inputs} if env else set()
 
     def seconds(_: int, ins: Instruction) -> float:
-        wave_samples = width.get(ins.phase, 1) * work.generation_batch_size
+        wave_samples = in_wave(ins)
         if ins.op == "RUN":
             model = ins.model
             n = mesh[model].size
             if ins.phase == "train":
                 samples = work.train_global_batch_size / n
-            else:
-                samples = wave_samples / n
+            else:  # a prompt of the env has num_inference_per_prompt rows (answers)
+                rows = work.rows_per_sample if ins.phase == "env" else 1
+                samples = per_rank(ins, n) * rows
             generate = ins.phase == "env" and ins.node in generating
-            return cost.inference_seconds(
-                ctx.specs[model].params, samples, 1, generate, work, cluster
-            )
+            return cost.run_seconds(ctx.specs[model], samples, generate, work, cluster)
         if ins.op == "TRAIN":
             return cost.train_step_seconds(
                 ctx.specs[ins.model].params, mesh[ins.model].ranks, work, cluster
@@ -251,6 +351,7 @@ def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
 
 
 PASSES: tuple[Callable[[CompileContext], None], ...] = (
+    check_profile,
     size_models,
     place_models,
     schedule_streams,
@@ -271,9 +372,12 @@ def run_passes(ctx: CompileContext, passes=PASSES) -> None:
             raise PlanError(f"[{compiler_pass.__name__}] {err}") from None
 
 
-def compile_plan(program: Program, config: Config, cluster: ClusterSpec) -> Plan:
-    """The plan for running ``program`` on ``cluster`` with ``config``."""
-    ctx = CompileContext(program, config, cluster)
+def compile_plan(
+    program: Program, config: Config, cluster: ClusterSpec, profile: Profile | None = None
+) -> Plan:
+    """The plan for running ``program`` on ``cluster`` with ``config`` (estimated with the
+    measured costs of ``profile`` when given)."""
+    ctx = CompileContext(program, config, cluster, profile=profile)
     run_passes(ctx)
     return Plan(
         cluster=cluster,
@@ -288,9 +392,24 @@ def compile_plan(program: Program, config: Config, cluster: ClusterSpec) -> Plan
         ],
         estimates=ctx.simulation.estimates,
         waves=_waves(ctx),
-        notes=ctx.notes,
+        notes=[profile.describe(), *ctx.notes] if profile else ctx.notes,
         max_staleness=config.runtime.max_staleness,
     )
+
+
+def estimate_layout(
+    program: Program,
+    config: Config,
+    cluster: ClusterSpec,
+    layout: Layout,
+    profile: Profile | None = None,
+) -> float:
+    """The estimated episode seconds of ``program`` on a given ``layout``."""
+    ctx = CompileContext(program, config, cluster, layout=layout, profile=profile)
+    size_models(ctx)
+    schedule_streams(ctx)
+    simulate_streams(ctx)
+    return ctx.simulation.estimates.episode_s
 
 
 def _placement_entries(ctx: CompileContext) -> list[PlacementEntry]:

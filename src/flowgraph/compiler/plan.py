@@ -289,7 +289,7 @@ class Estimates:
     episode_s: float
     phase_s: dict[str, float]
     busy_s: dict[str, float]  # per rank group name, outside eval
-    bubble: float  # idle fraction of all devices' time over the episode (eval excluded)
+    bubble: float  # idle fraction of the used devices' time over the episode (eval excluded)
 
 
 @dataclass
@@ -458,7 +458,7 @@ class Plan:
         lines = [
             f"episode {format_seconds(e.episode_s)} without eval (phase spans: {phases})",
             f"busy per rank group: {busy}",
-            f"bubble: {e.bubble:.0%} of all devices' time idle",
+            f"bubble: {e.bubble:.0%} of the used devices' time idle",
         ]
         return "\n".join(lines + self.notes)
 

@@ -40,6 +40,7 @@ from flowgraph.runtime.comm import Communicator
 from flowgraph.runtime.episode import env_micro_batches, eval_micro_batches, weight_version
 from flowgraph.runtime.interpreter import Episode, Hosted, Interpreter
 from flowgraph.runtime.job import Job
+from flowgraph.runtime.linkbench import record_for_profile
 from flowgraph.runtime.offload import Offload
 from flowgraph.runtime.resume import RunCheckpoints
 from flowgraph.runtime.rng import reseed
@@ -146,6 +147,7 @@ class EpisodeLoop:
         for episode in range(start + 1, self.runtime.num_episode + 1):
             self._finish(self._iteration(episode))
         self._teardown()
+        record_for_profile(self.plan, self.comm)
         if self.runtime.trace:
             parts = self.comm.all_gather_objects(self.timeline.events)
             if self.rank == 0:
