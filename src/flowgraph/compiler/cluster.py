@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from flowgraph.errors import PlanError
 
 GiB = 1024**3
+CPU_CORES = 2  # the project's machines
+CPU_NODE_TFLOPS = 0.3  # effective peak of one such node (see ClusterSpec.cpu)
 GB = 1e9
 
 # Datasheet figures of common training GPUs (SXM parts), per device: memory, dense
@@ -83,12 +85,16 @@ class ClusterSpec:
         """``world_size`` CPU processes (gloo), as measured on the project's 2-core machines."""
         if world_size % nodes:
             raise PlanError(f"world size {world_size} does not split over {nodes} nodes")
+        per_node = world_size // nodes
         return cls(
             nodes=nodes,
-            devices_per_node=world_size // nodes,
+            devices_per_node=per_node,
             device="cpu",
             device_memory_gib=16.0,
-            device_tflops=0.05,
+            # Fitted to the GRPO bench's training step (about 125 GFLOP/s of 6 P per token in
+            # one 2-thread process, at the model's 40 % of peak): the node's two cores are
+            # shared by its processes (torchrun gives each one thread).
+            device_tflops=CPU_NODE_TFLOPS / min(per_node, CPU_CORES),
             intra_node_gbps=4.0,
             inter_node_gbps=1.0,
             memcpy_gbps=15.0,
