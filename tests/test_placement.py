@@ -2,7 +2,9 @@
 can use (idle devices reported), uneven inference shares, parameterless models colocated
 with their inputs, infeasible requests answered in at most three lines."""
 
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +86,8 @@ def test_trainer_meshes_divide_the_global_step():
     assert max(used(plan)) < 8
 
 
-def request_for(sizes, num_gpu=None, world=8, colocation="auto", producers=None, **work):
+def request_for(sizes, num_gpu=None, world=8, colocation="auto", producers=None, syncs=(),
+                **work):  # fmt: skip
     names = tuple(sizes)
     specs = {m: ModelSpec(m, p, trainable=m.startswith("ppo_")) for m, p in sizes.items()}
     values = {"sample_per_episode": 64, "generation_batch_size": 8, "train_micro_batch_size": 1,
@@ -99,6 +102,7 @@ def request_for(sizes, num_gpu=None, world=8, colocation="auto", producers=None,
         work=Workload(**values),
         cluster=ClusterSpec(nodes=max(1, world // 8), devices_per_node=min(world, 8)),
         producers=producers or {},
+        syncs=syncs,
     )
 
 
@@ -250,3 +254,106 @@ def test_layout_devices():
     request = request_for({"policy": 1, "ppo_policy": 1})
     assert all(isinstance(c, Layout) and c.devices <= 8
                for c in candidate_layouts(request, units(request)))  # fmt: skip
+
+
+# -- the actor/critic split (HybridFlow's "split" placement) ------------------------------
+PPO_SIZES = {"policy": 1000, "reference": 1000, "value": 1000, "reward": 1000,
+             "ppo_policy": 1000, "ppo_value": 1000}  # fmt: skip
+PPO_PRODUCERS = {"policy": None, "reference": "policy", "value": "policy", "reward": "policy",
+                 "ppo_policy": None, "ppo_value": None}  # fmt: skip
+PPO_SYNCS = (("ppo_policy", "policy"), ("ppo_value", "value"))
+
+
+def ppo_request(**kwargs):
+    return request_for(PPO_SIZES, producers=PPO_PRODUCERS, syncs=PPO_SYNCS, **kwargs)
+
+
+def splits(request):
+    return [c for c in candidate_layouts(request, fold_parameterless(request, units(request)))
+            if c.name.startswith("actor/critic split")]  # fmt: skip
+
+
+def test_the_split_puts_each_trainer_with_its_copies_and_their_readers():
+    (split,) = splits(ppo_request())  # halves; the load shares round to the same meshes
+    assert split.name == "actor/critic split 4 + 4"
+    # reference and reward are synced from no trainer: they read policy's output first
+    assert [(g.models, g.mesh.size) for g in split.groups] == [
+        (("policy", "reference", "reward", "ppo_policy"), 4),
+        (("value", "ppo_value"), 4),
+    ]
+
+
+def test_the_split_keeps_colocation_groups_and_num_gpu():
+    request = ppo_request(colocation=[["value", "reward"]], num_gpu={"value": 2})
+    (split,) = splits(request)
+    assert [(g.models, g.mesh.size) for g in split.groups] == [
+        (("policy", "reference", "ppo_policy"), 4),
+        (("value", "reward", "ppo_value"), 2),
+    ]
+    layout, _ = place(request, lambda c: 1.0 if c.name == split.name else 2.0)
+    assert layout.name == "actor/critic split 4 + 2"
+    assert layout.mesh_of("reward") == layout.mesh_of("value") and layout.mesh_of("value").size == 2
+    # a model with the user's num_gpu but no trainer keeps ranks of its own
+    (apart,) = splits(ppo_request(num_gpu={"reference": 1}))
+    assert [(g.models, g.mesh.size) for g in apart.groups] == [
+        (("policy", "reward", "ppo_policy"), 4),
+        (("reference",), 1),
+        (("value", "ppo_value"), 2),
+    ]
+
+
+def test_no_split_with_one_trainer_or_with_the_trainers_colocated():
+    one = request_for({"policy": 1000, "reference": 1000, "ppo_policy": 1000},
+                      producers={"policy": None, "reference": "policy", "ppo_policy": None},
+                      syncs=(("ppo_policy", "policy"),))  # fmt: skip
+    assert splits(one) == []
+    assert splits(ppo_request(colocation=[["ppo_policy", "ppo_value"]])) == []
+    assert splits(ppo_request(colocation=[["policy", "value"]])) == []  # both trainers' copies
+
+
+def test_the_apart_family_weighs_generation_by_the_cost_model():
+    """Sized by 2 P / 6 P FLOPs the generating policy got 1 device of 16; by the cost
+    model's time (decoding 1,024 tokens) it is the heaviest group."""
+    sizes = {m: 7 * 10**9 for m in PPO_SIZES}
+    request = request_for(sizes, world=16, producers=PPO_PRODUCERS, syncs=PPO_SYNCS,
+                          sample_per_episode=1024, generation_batch_size=16,
+                          train_global_batch_size=128, prompt_length=1024,
+                          response_length=1024)  # fmt: skip
+    apart = next(c for c in candidate_layouts(request, units(request))
+                 if c.name == "each group apart, by compute")  # fmt: skip
+    shares = {g.models[0]: g.mesh.size for g in apart.groups}
+    assert shares["policy"] == max(shares.values()) >= 8
+    assert shares["policy"] > shares["reference"]  # same FLOPs a token, but it decodes
+
+
+def bench_placement():
+    """benchmarks/bench_placement.py as a module (its engine and configs)."""
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_placement.py"
+    spec = importlib.util.spec_from_file_location("bench_placement", path)
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+def test_7b_ppo_at_hybridflow_scale_splits_on_128_gpus_and_colocates_on_16():
+    bench = bench_placement()
+    engine = bench.ppo_engine()
+
+    def compile_7b(world, zero, generation_batch):
+        cluster = ClusterSpec.gpu("a100", nodes=world // 8, devices_per_node=8)
+        return engine.compile(cluster, bench.ppo_config("7B", zero, True, generation_batch))
+
+    split = compile_7b(128, 2, 16)  # the bench's fastest settings for this layout
+    assert "  chosen: actor/critic split 64 + 64" in split.notes
+    placed = meshes(split)
+    assert placed["policy"] == placed["reference"] == placed["ppo_policy"] == tuple(range(64))
+    assert placed["value"] == placed["ppo_value"] == tuple(range(64, 128))
+    colocated = compile_7b(128, 3, 8)  # colocating at its best (a ZeRO-3 trainer: no split)
+    assert split.estimates.episode_s < 0.95 * colocated.estimates.episode_s
+    small = compile_7b(16, 2, 32)
+    assert "  chosen: colocate all on 16" in small.notes
+    assert any(n.startswith("  actor/critic split 8 + 8: ") for n in small.notes)

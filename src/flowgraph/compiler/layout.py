@@ -54,6 +54,8 @@ class PlacementRequest:
     eval_microbatches: int = 0
     # model -> the model whose output it reads first (env flow first), None: the flow input
     producers: Mapping[str, str | None] = field(default_factory=dict)
+    # parameter syncs (trainer, inference copy), as Program.syncs
+    syncs: tuple[tuple[str, str], ...] = ()
 
     @property
     def env_microbatches(self) -> int:

@@ -140,6 +140,7 @@ def place_models(ctx: CompileContext) -> None:
             ctx.program.eval_samples / ctx.config.runtime.generation_batch_size
         ),
         producers=producers(graphs),
+        syncs=ctx.program.syncs,
     )
 
     def estimate(layout: Layout) -> float:

@@ -18,8 +18,11 @@ stage by stage; disjoint groups run concurrently and pipeline micro-batch waves.
   not divide them, the last wave is partial), a trainer a mesh that splits a global step
   evenly (``train_global_batch_size % (train_micro_batch_size * n) == 0``), a model only
   the eval flow calls at most the eval's micro-batches. Families: everything on one
-  group; trainers apart from inference models (several splits); every group on its own
-  share, proportional to its compute.
+  group; trainers apart from inference models (several splits); with two trainers or
+  more, the actor/critic split (HybridFlow's "split"): one group per trainer with the
+  inference copies synced from it and the models that read their output first, at equal
+  shares and at shares by load; every group on its own share, by load. A group's load is
+  the cost model's single-device time for its episode's work (decoding included).
 - An infeasible request is one error of at most three lines: the binding constraint and
   the smallest change that fixes it.
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from flowgraph.compiler import cost
 from flowgraph.compiler.cluster import Mesh, format_ranks
 from flowgraph.compiler.feasibility import (
     check_layout,
@@ -218,6 +222,7 @@ def candidate_layouts(request: PlacementRequest, unit_list: list[tuple[str, ...]
                     (Group(infer, Mesh(range(a))), Group(train, Mesh(range(a, a + b)))),
                 )
             )
+    layouts += _actor_critic(request, unit_list)
     if 1 < len(unit_list) <= world:
         apart = _apart(request, unit_list)
         if apart is not None:
@@ -278,12 +283,153 @@ def _power_of_two_floor(x: float) -> int:
     return 1 if x < 2 else 2 ** int(math.log2(x))
 
 
+def _actor_critic(request: PlacementRequest, unit_list: list[tuple[str, ...]]) -> list[Layout]:
+    """HybridFlow's split, generalised: one group per trainer, on ranks of its own, halves
+    of the cluster (equal shares for more trainers) and shares by estimated load; none with
+    fewer than two trainers, or when a share cannot be built."""
+    groups = _trainer_groups(request, unit_list)
+    if groups is None:
+        return []
+    loads = [sum(_compute_load(request, u) for u in parts) for parts in groups]
+    merged = [_merged(request, parts) for parts in groups]
+    layouts = []
+    for weights in ([1.0] * len(groups), loads):
+        sizes = _shares(request, merged, weights)
+        if sizes is None:
+            continue
+        placed, start = [], 0
+        for models, size in zip(merged, sizes, strict=True):
+            placed.append(Group(models, Mesh(range(start, start + size))))
+            start += size
+        name = f"actor/critic split {' + '.join(str(n) for n in sizes)}"
+        layouts.append(Layout(name, tuple(placed)))
+    return layouts
+
+
+def _merged(request: PlacementRequest, parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    position = {m: i for i, m in enumerate(request.models)}
+    return tuple(sorted((m for u in parts for m in u), key=position.__getitem__))
+
+
+def _trainer_groups(
+    request: PlacementRequest, unit_list: list[tuple[str, ...]]
+) -> list[list[tuple[str, ...]]] | None:
+    """The units gathered into one group per trainer: the trainer, the inference copies
+    synced from it (``request.syncs``), and every other unit joins the group of the model
+    whose output it reads first (``request.producers``, followed through other such units;
+    the first group when it reads only the flow's input); such a unit with the user's
+    ``num_gpu`` keeps ranks of its own instead, as in ``_apart``. Units holding models of
+    two groups (a user's colocation) merge them. ``None`` when fewer than two trainer
+    groups remain."""
+    trainers = [m for m in request.models if request.specs[m].trainable]
+    if len(trainers) < 2:
+        return None
+    parent = {t: t for t in trainers}
+
+    def find(t: str) -> str:
+        while parent[t] != t:
+            t = parent[t]
+        return t
+
+    owner = {t: t for t in trainers}
+    for src, dst in request.syncs:
+        if src in owner and dst in request.specs and dst not in owner:
+            owner[dst] = owner[src]
+    for unit in unit_list:  # a colocation group holding two trainers' models: one group
+        keys = sorted({find(owner[m]) for m in unit if m in owner}, key=trainers.index)
+        for k in keys[1:]:
+            parent[k] = keys[0]
+    unit_of = {m: i for i, u in enumerate(unit_list) for m in u}
+
+    def key_of(i: int) -> str | None:
+        return next((find(owner[m]) for m in unit_list[i] if m in owner), None)
+
+    keys = [key_of(i) for i in range(len(unit_list))]
+    trainer_keys = {k for k in keys if k is not None}
+    for i, unit in enumerate(unit_list):
+        if keys[i] is not None:
+            continue
+        if fixed_size(unit, request) is not None:  # the user's num_gpu: its own ranks
+            keys[i] = f"unit {i}"
+            continue
+        for m in unit:  # follow the producers of its models until one is in a group
+            seen, host = set(unit), request.producers.get(m)
+            while host is not None and host in unit_of and key_of(unit_of[host]) is None:
+                if host in seen:
+                    host = None
+                    break
+                seen.add(host)
+                host = request.producers.get(host)
+            if host is not None and host in unit_of:
+                keys[i] = key_of(unit_of[host])
+                break
+    order: list[str] = []  # groups in first-use order of their units
+    for k in keys:
+        if k is not None and k not in order:
+            order.append(k)
+    if len(trainer_keys) < 2:
+        return None
+    first = next(k for k in order if k in trainer_keys)
+    grouped: list[list[tuple[str, ...]]] = [[] for _ in order]
+    for i, unit in enumerate(unit_list):
+        grouped[order.index(keys[i] if keys[i] is not None else first)].append(unit)
+    return grouped
+
+
+def _shares(
+    request: PlacementRequest, groups: list[tuple[str, ...]], weights: list[float]
+) -> list[int] | None:
+    """Mesh sizes for ``groups`` side by side: the user's num_gpu where set, the others the
+    largest size each accepts within its share of the free devices (``weights``), then
+    leftover devices to the heaviest groups while they can use them; ``None`` if a group
+    cannot have a share (a ZeRO-3 trainer) or the groups do not fit."""
+    world = request.cluster.world_size
+    fixed = {i: f for i, g in enumerate(groups) if (f := fixed_size(g, request)) is not None}
+    free = world - sum(fixed.values())
+    open_ = [i for i in range(len(groups)) if i not in fixed]
+    total = sum(weights[i] for i in open_) or 1.0
+    sizes = dict(fixed)
+    for i in open_:
+        share = max(1, int(free * weights[i] / total))
+        size = largest_size(groups[i], min(share, unit_cap(groups[i], request)), request)
+        if size is None:
+            return None
+        sizes[i] = size
+    if sum(sizes.values()) > world:
+        return None
+    for i in sorted(open_, key=lambda k: (-weights[k], k)):
+        spare = world - sum(sizes.values())
+        limit = min(unit_cap(groups[i], request), sizes[i] + spare)
+        sizes[i] = max(sizes[i], largest_size(groups[i], limit, request) or 0)
+    return [sizes[i] for i in range(len(groups))]
+
+
 def _compute_load(request: PlacementRequest, unit: tuple[str, ...]) -> float:
+    """Seconds one device would spend on ``unit``'s work in an episode, by the cost model:
+    a trainer its optimizer steps (``cost.train_step_seconds`` on one device, times the
+    episode's steps); an inference model of the env flow its micro-batches
+    (``cost.run_seconds`` of one micro-batch, generating when its first call reads only the
+    flow's input, i.e. it is the first model called on the batch, scoring otherwise); a
+    model only the eval flow calls the eval's micro-batches; a frozen model of the trainer
+    flow a global batch scored per step."""
+    work, cluster = request.work, request.cluster
+    steps = max(1, work.train_steps)
     load = 0.0
     for m in unit:
         spec = request.specs[m]
-        factor = 6 * request.work.num_training_epoch if spec.trainable else 2
-        load += factor * max(spec.params, 1)
+        generate = request.producers.get(m) is None
+        if spec.trainable:
+            load += steps * cost.train_step_seconds(spec.params, (0,), work, cluster)
+        elif m in request.inference_models or m in request.eval_models:
+            rows = work.generation_batch_size * (
+                work.rows_per_sample if m in request.inference_models else 1
+            )
+            calls = (request.env_microbatches if m in request.inference_models
+                     else max(1, request.eval_microbatches))  # fmt: skip
+            load += calls * cost.run_seconds(spec, rows, generate, work, cluster)
+        else:
+            samples = work.train_global_batch_size
+            load += steps * cost.run_seconds(spec, samples, False, work, cluster)
     return load
 
 
