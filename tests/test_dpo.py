@@ -344,7 +344,11 @@ def test_a_written_preference_file_reads_back_as_its_rows(tmp_path):
 
 def test_dpo_example_learns_the_counting_task_from_a_preference_file(tmp_path):
     dpo = load_example("dpo")
-    records = dpo.main([*QUIET, "runtime.num_episode=4", "runtime.eval_episode_interval=2",
+    # fp32: the first step's margins are exactly 0 only where the trainer and the reference
+    # compute alike (with bf16 hardware, `auto` is bf16: the trainer's autocast keeps layer
+    # norms and softmax in fp32, the bf16 reference does not, and ties become coin flips).
+    fp32 = [f"models.{m}.precision=fp32" for m in ("reference", "policy", "dpo_policy")]
+    records = dpo.main([*QUIET, *fp32, "runtime.num_episode=4", "runtime.eval_episode_interval=2",
                         f"runtime.log_dir={tmp_path}"])  # fmt: skip
     score = {r.episode: r.metrics["eval/score"] for r in records if "eval/score" in r.metrics}
     accuracy = [r.metrics["dpo_policy/accuracy"] for r in records if r.episode > 0]
