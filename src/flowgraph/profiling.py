@@ -122,8 +122,14 @@ def _launch(target: str, config: str | None, overrides: list[str], directory: Pa
         child = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                  *child]  # fmt: skip
     env = {**os.environ, PROFILE_ENV: str(directory)}
-    done = subprocess.run([sys.executable, *child], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)  # fmt: skip
+    try:
+        done = subprocess.run([sys.executable, *child], env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise ProfileError(
+            f"the profiled run of {target} did not finish in {TIMEOUT_S} s; profile fewer "
+            "episodes (--episodes 2) or smaller batches (key=value overrides)"
+        ) from None
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
         raise ProfileError(
