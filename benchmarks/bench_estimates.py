@@ -131,6 +131,8 @@ def main(rounds: int = 3, episodes: int = 6) -> list[dict]:
                 *_config(config),
                 "--nproc-per-node",
                 str(nproc),
+                "--episodes",
+                str(episodes),
                 "--out",
                 str(profiles[key]),
                 *overrides,

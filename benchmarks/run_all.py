@@ -18,6 +18,7 @@ import bench_async  # noqa: E402
 import bench_checkpoint  # noqa: E402
 import bench_compile  # noqa: E402
 import bench_data  # noqa: E402
+import bench_estimates  # noqa: E402
 import bench_gather  # noqa: E402
 import bench_generation  # noqa: E402
 import bench_grpo  # noqa: E402
@@ -51,6 +52,7 @@ def main() -> None:
         + bench_checkpoint.main()
         + bench_async.main()
         + bench_data.main()
+        + bench_estimates.main()
     )
     out = HERE / "out"
     out.mkdir(exist_ok=True)

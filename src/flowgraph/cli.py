@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile under torchrun with N processes (default 1: this process's kind)",
     )  # fmt: skip
     profile.add_argument(
-        "--episodes", type=int, default=4, metavar="E",
-        help="episodes per run (default 4; the first warms up and is not measured)",
+        "--episodes", type=int, default=5, metavar="E",
+        help="episodes per run (default 5; the first warms up and is not measured)",
     )  # fmt: skip
     profile.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     profile.set_defaults(run=_profile)

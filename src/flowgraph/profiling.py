@@ -54,7 +54,7 @@ def profile_script(
     overrides: list[str],
     out: str | Path,
     nproc: int = 1,
-    episodes: int = 4,
+    episodes: int = 5,
 ) -> Profile:
     """Profile ``target`` (``FILE[:OBJECT]``) and write the profile to ``out``."""
     if episodes < WARMUP_EPISODES + 1:
