@@ -48,8 +48,7 @@ class CallCost:
     tokens: int  # tokens per sample it was measured at
 
     def seconds(self, samples: float, tokens: int) -> float:
-        scale = tokens / self.tokens if self.tokens else 1.0
-        return max(0.0, self.fixed + self.per_sample * samples) * scale
+        return _linear(self.fixed, self.per_sample, self.tokens, samples, tokens)
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,7 @@ class TrainCost:
     tokens: int
 
     def seconds(self, samples: float, tokens: int) -> float:
-        scale = tokens / self.tokens if self.tokens else 1.0
-        return max(0.0, self.fixed + self.per_sample * samples) * scale
+        return _linear(self.fixed, self.per_sample, self.tokens, samples, tokens)
 
 
 @dataclass(frozen=True)
@@ -160,6 +158,13 @@ class Profile:
         except (KeyError, TypeError, ValueError) as err:
             raise PlanError(f"profile {path} is damaged ({type(err).__name__}: {err}); {fix}") \
                 from None  # fmt: skip
+
+
+def _linear(fixed: float, per_sample: float, measured_tokens: int, samples: float,
+            tokens: int) -> float:  # fmt: skip
+    """``fixed + per_sample x samples``, scaled from the measured tokens to ``tokens``."""
+    scale = tokens / measured_tokens if measured_tokens else 1.0
+    return max(0.0, fixed + per_sample * samples) * scale
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[tuple[float, float], float]:
