@@ -270,3 +270,32 @@ def test_the_plan_overlaps_generation_with_training_on_split_devices():
     text = str(stale)
     assert "one iteration: train episode e | env episode e+1" in text
     assert "max_staleness=1: " in text and "on-policy (max_staleness=0) on this layout" in text
+
+
+def test_placement_keeps_what_the_trainer_flow_chains_on_the_trainers_ranks():
+    """The runtime moves no batches between groups inside a global step: a layout putting
+    the reference (called by the trainer flow) apart from the trainer is rejected."""
+    import spmd_job
+
+    def env_flow(batch):
+        return spmd_job.reference.forward_step(spmd_job.policy.forward_step(batch))
+
+    def trainer_flow(batch):
+        spmd_job.ppo_policy.train_step(spmd_job.reference.forward_step(batch))
+
+    engine = Engine(Environment(env_flow), Trainer(trainer_flow))
+    engine.set_parameter_sync(spmd_job.ppo_policy, spmd_job.policy)
+    plan = engine.compile(ClusterSpec.cpu(2), load_config(one_process(max_staleness=0)))
+    placed = {p.model: p.ranks for p in plan.placement}
+    assert placed["reference"] == placed["ppo_policy"]
+    assert any(
+        "inference 1 + trainers 1: the trainer flow passes %reference_forward_step from "
+        "reference (r0) to ppo_policy (r1)" in n
+        for n in plan.notes
+    ), plan.notes
+    split = one_process(max_staleness=0, colocation=[["policy", "reference"], ["ppo_policy"]])
+    split["models"] = {m: {"num_gpu": 1} for m in ("policy", "reference", "ppo_policy")}
+    with pytest.raises(PlanError, match=r"the trainer flow passes %\w+ from reference \(r0\) "
+                       r"to ppo_policy \(r1\) within a global step .*runtime.colocation="
+                       r"\[\[reference, ppo_policy\]"):  # fmt: skip
+        engine.compile(ClusterSpec.cpu(2), load_config(split))

@@ -224,7 +224,7 @@ def flowc_profile(out: Path, nproc: int, overrides: list[str]) -> dict:
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "estimated with the profile" in done.stdout
+    assert "the profile's estimate of that run" in done.stdout
     return json.loads(out.read_text())
 
 
@@ -293,3 +293,33 @@ def test_a_failing_profiled_run_is_one_error_quoting_its_last_lines(tmp_path, ca
     assert f"the profiled run of {script} failed (exit 1); run it as `python {script}`" in err
     assert "the model is broken on purpose" in err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_rank_owning_several_micro_batches_pays_one_call_each(tmp_path):
+    """policy alone on r0, reference and reward on r1-r2: waves are 2 micro-batches wide,
+    so r0 makes two generate calls per wave (the runtime calls the model per micro-batch)."""
+    path = fake_profile(policy=0.5, reference=0.1, reward=0.0).save(tmp_path / "p.json")
+    layout = ["runtime.colocation=[[reference,reward]]", "models.policy.num_gpu=1",
+              "models.reference.num_gpu=2", "models.reward.num_gpu=2",
+              "models.grpo_policy.num_gpu=1"]  # fmt: skip
+    engine, chosen = load_script(GRPO, BENCH, SMALL)
+    config = load_config(chosen.config, [*SMALL, *layout, f"runtime.profile={path}"])
+    plan = engine.compile(ClusterSpec.cpu(4), config)
+    r0 = next(i for i, s in enumerate(plan.streams) if 0 in s.ranks)
+    timed = zip(plan.streams[r0].instructions, plan.times[r0], strict=True)
+    runs = [(a, b) for ins, (a, b) in timed
+            if ins.op == "RUN" and ins.model == "policy" and ins.phase == "env"]  # fmt: skip
+    assert plan.waves["env"] == 1 and len(runs) == 1
+    assert runs[0][1] - runs[0][0] == pytest.approx(2 * 0.5)
+
+
+def test_a_profile_of_other_thread_counts_is_flagged(tmp_path, capsys):
+    path = fake_profile().save(tmp_path / "p.json")  # one process, 2 threads
+    main(["compile", GRPO, "--cpu", "--world-size", "2", "--config", BENCH, *SMALL,
+          "--profile", str(path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "warning: the profile was measured with 2 thread(s) per process, this plan's " \
+           "processes get 1: profile under torchrun --nproc-per-node N" in out  # fmt: skip
+    main(["compile", GRPO, "--cpu", "--world-size", "1", "--config", BENCH, *SMALL,
+          "--profile", str(path)])  # fmt: skip
+    assert "warning: the profile" not in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """flowc plans with the config the script's own run loads (and says which)."""
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -24,13 +25,11 @@ def test_the_example_plans_with_the_yaml_its_main_passes_to_init_from_argv(capsy
         "sample_per_episode"
     ]
     assert samples != 16  # the defaults would plan 16 samples
-    env_waves = (
-        samples
-        // yaml.safe_load((ROOT / "examples" / "ppo.yaml").read_text())["runtime"][
-            "generation_batch_size"
-        ]
-    )
-    assert f"env {env_waves // 8 or 1}" in out or f"env {env_waves}" in out
+    runtime = yaml.safe_load((ROOT / "examples" / "ppo.yaml").read_text())["runtime"]
+    steps = runtime["num_training_epoch"] * samples // runtime["train_global_batch_size"]
+    assert steps != 1  # the defaults plan 1 optimizer step per episode
+    found = re.search(r"waves per episode: env \d+, train steps (\d+)", out).group(1)
+    assert int(found) == steps, out
 
 
 def test_config_and_overrides_given_to_flowc_win(capsys, monkeypatch):

@@ -169,7 +169,7 @@ def _profile(args: argparse.Namespace) -> int:
         f"{len(profile.links)} links, measured on {profile.devices()}"
     )
     print(f"measured {median:.3f} s per episode (median of {len(measured['episodes_s'])}; "
-          f"layout {measured['layout']}); estimated with the profile {estimate:.3f} s "
+          f"layout {measured['layout']}); the profile's estimate of that run {estimate:.3f} s "
           f"({estimate / median:.2f}x)")  # fmt: skip
     print(
         f"use it: flowc compile {args.target} --profile {args.out} ... "

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from flowgraph.compiler import cost
 from flowgraph.compiler.cluster import Mesh
-from flowgraph.compiler.pipeline import estimate_layout
+from flowgraph.compiler.pipeline import estimate_layout, generates
 from flowgraph.compiler.placement import Group, Layout
 from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.profile import CallCost, Link, Profile, TrainCost, fit_line
@@ -92,6 +92,7 @@ def _run_settings(directory: Path, episodes: int) -> list[str]:
         "runtime.progress=false",
         "runtime.tensorboard=false",
         "runtime.profile=null",
+        "runtime.max_staleness=0",  # slices then belong to the iteration they are labelled with
     ]
 
 
@@ -174,8 +175,11 @@ class ProfiledRun:
             walls = {int(k): v for k, v in json.loads((directory / "records.json").read_text())
                      .items()}  # fmt: skip
             threads = json.loads((directory / "threads.json").read_text())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise ProfileError(f"the profiled run left no complete record ({err})") from None
+        if not any(int(e) > WARMUP_EPISODES for e in walls):
+            raise ProfileError("the profiled run recorded no episode after the warm-up; "
+                               "profile more episodes (--episodes)")  # fmt: skip
         return cls(plan, config, slices, links, walls, threads)
 
     @property
@@ -220,18 +224,18 @@ def fit_profile(runs: list[ProfiledRun]) -> Profile:
         busy: dict[tuple[int, int], float] = defaultdict(float)
         for ins, rank, episode, seconds in run.instruction_slices():
             busy[(episode, rank)] += seconds
-            if ins.op == "RUN":
+            if ins.op == "RUN" and ins.phase in ("env", "train"):  # eval is off here
                 spec = run.plan.phases[ins.phase]
                 node = spec.node(ins.node)
                 if ins.phase == "train":
                     samples = r.global_batch_size / len(mesh[ins.model])
-                else:
-                    width = spec.width
-                    mine = owned(ins.wave, width, mesh[ins.model], rank, total)
-                    samples = len(mine) * r.generation_batch_size
+                else:  # one call per owned micro-batch, of its rows (answers included)
+                    mine = owned(ins.wave, spec.width, mesh[ins.model], rank, total)
                     if not mine:
                         continue
-                generate = ins.phase != "train" and spec.input in node.inputs
+                    samples = r.generation_batch_size * r.num_inference_per_prompt
+                    seconds /= len(mine)
+                generate = ins.phase == "env" and generates(node, spec.input)
                 tokens = r.response_length if generate else r.prompt_length + r.response_length
                 calls[(ins.model, node.method, ins.phase, generate, tokens)].append(
                     (samples, seconds)
@@ -240,7 +244,7 @@ def fit_profile(runs: list[ProfiledRun]) -> Profile:
                 n = len(mesh[ins.model])
                 if n > 1 and "allreduce" in links:
                     seconds -= links["allreduce"].seconds(
-                        2 * params[ins.model] * cost.FP32_BYTES * (n - 1) / n
+                        cost.allreduce_bytes(params[ins.model], n)
                     )
                 steps[ins.model].append((r.global_batch_size / n, max(seconds, 0.0),
                                          r.prompt_length + r.response_length))  # fmt: skip

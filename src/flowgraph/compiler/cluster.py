@@ -94,7 +94,7 @@ class ClusterSpec:
             # Fitted to the GRPO bench's training step (about 125 GFLOP/s of 6 P per token in
             # one 2-thread process, at the model's 40 % of peak): the node's two cores are
             # shared by its processes (torchrun gives each one thread).
-            device_tflops=CPU_NODE_TFLOPS / min(per_node, CPU_CORES),
+            device_tflops=CPU_NODE_TFLOPS / per_node,
             intra_node_gbps=4.0,
             inter_node_gbps=1.0,
             memcpy_gbps=15.0,

@@ -284,9 +284,13 @@ def train_step_seconds(
     latency = (TRAIN_STEP_LATENCIES * micro_batches + 1) * _latency(cluster) if params else 0.0
     allreduce = 0.0
     if n > 1:
-        allreduce = 2 * params * FP32_BYTES * (n - 1) / n
-        allreduce /= cluster.link_bytes_per_s(mesh)
+        allreduce = allreduce_bytes(params, n) / cluster.link_bytes_per_s(mesh)
     return compute + latency + allreduce
+
+
+def allreduce_bytes(params: int, n: int) -> float:
+    """Bytes each rank moves in a ring all-reduce of fp32 gradients over ``n`` ranks."""
+    return 2 * params * FP32_BYTES * (n - 1) / n
 
 
 def transfer_seconds(

@@ -211,38 +211,41 @@ def _profiled(ctx: CompileContext, analytical: Callable[[int, Instruction], floa
     """Instruction durations from the profile where it measured them, else the model's."""
     profile, work = ctx.profile, ctx.work
     mesh = {m: g.mesh for g in ctx.layout.groups for m in g.models}
-    in_wave, per_rank = _wave_samples(ctx)
+    waves = _Waves.of(ctx)
+    generating = _generating(ctx)
     links = {kind: profile.link(kind) for kind in ("p2p", "gather", "broadcast", "allreduce")}
 
     def seconds(group: int, ins: Instruction) -> float:
-        wave_samples = in_wave(ins)
         if ins.op == "RUN":
             n = mesh[ins.model].size
             node = ctx.phases[ins.phase].node(ins.node)
-            call = profile.call(ins.model, node.method, ins.phase)
+            call = profile.call(ins.model, node.method, ins.phase,
+                                (ins.phase, ins.node) in generating)  # fmt: skip
             if call is not None:
-                samples = (work.train_global_batch_size / n if ins.phase == "train"
-                           else per_rank(ins, n))  # fmt: skip
                 tokens = work.response_length if call.generate else work.tokens_per_sample
-                return call.seconds(samples, tokens)
+                if ins.phase == "train":
+                    return call.seconds(work.train_global_batch_size / n, tokens)
+                calls = waves.per_rank(ins, n)  # one call per micro-batch the rank owns
+                return calls * call.seconds(waves.rows_per_call(ins.phase), tokens)
         if ins.op == "TRAIN":
             n = mesh[ins.model].size
             step = profile.trainer(ins.model)
             if step is not None:
                 total = step.seconds(work.train_global_batch_size / n, work.tokens_per_sample)
                 if n > 1 and links["allreduce"] is not None:
-                    grads = ctx.specs[ins.model].params * cost.FP32_BYTES
-                    total += links["allreduce"].seconds(2 * grads * (n - 1) / n)
+                    total += links["allreduce"].seconds(
+                        cost.allreduce_bytes(ctx.specs[ins.model].params, n)
+                    )
                 return total
         if ins.op == "RECV" and links["p2p"] is not None:
             pairs = min(len(ins.src_ranks), len(ins.dst_ranks))
-            return links["p2p"].seconds(cost.batch_bytes(wave_samples, work) / pairs)
+            return links["p2p"].seconds(waves.wave_bytes(ins, work) / pairs)
         if (
             ins.op == "GATHER"
             and links["gather"] is not None
             and len(set(ins.src_ranks) | set(ins.dst_ranks)) > 1
         ):
-            return links["gather"].seconds(cost.batch_bytes(wave_samples, work))
+            return links["gather"].seconds(waves.wave_bytes(ins, work))
         if ins.op == "BCAST" and links["broadcast"] is not None:
             bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
             total = _sync_bytes(ctx, ins.src, ins.dst)
@@ -285,56 +288,77 @@ def _versus(ctx: CompileContext, async_s: float) -> str:
     return f"{format_seconds(seconds)} (asynchronous {gain:.2f}x)"
 
 
-def _wave_samples(ctx: CompileContext):
-    """Two functions of an instruction: the samples of its wave (the last wave of a phase
-    may be partial), and the samples of its busiest rank on a mesh of ``n``."""
-    gen = ctx.work.generation_batch_size
-    width = {phase: spec.width for phase, spec in ctx.phases.items()}
-    total = {"env": math.ceil(ctx.work.sample_per_episode / gen),
-             "eval": math.ceil(ctx.program.eval_samples / gen)}  # fmt: skip
+@dataclass(frozen=True)
+class _Waves:
+    """What one wave of a phase holds: its micro-batches (the last wave may be partial),
+    the busiest rank's share of them, and the rows of one micro-batch."""
 
-    def micro_batches(ins: Instruction) -> int:
-        wide = width.get(ins.phase, 1)
-        if ins.wave is None or ins.phase not in total:
+    gen: int
+    rows: int  # rows (answers) per prompt in the env
+    width: dict[str, int]
+    total: dict[str, int]
+
+    @classmethod
+    def of(cls, ctx: CompileContext) -> _Waves:
+        gen = ctx.work.generation_batch_size
+        return cls(gen, ctx.work.rows_per_sample,
+                   {phase: spec.width for phase, spec in ctx.phases.items()},
+                   {"env": math.ceil(ctx.work.sample_per_episode / gen),
+                    "eval": math.ceil(ctx.program.eval_samples / gen)})  # fmt: skip
+
+    def micro_batches(self, ins: Instruction) -> int:
+        wide = self.width.get(ins.phase, 1)
+        if ins.wave is None or ins.phase not in self.total:
             return wide
-        return max(0, min(wide, total[ins.phase] - ins.wave * wide))
+        return max(0, min(wide, self.total[ins.phase] - ins.wave * wide))
 
-    def in_wave(ins: Instruction) -> float:
-        return micro_batches(ins) * gen
+    def per_rank(self, ins: Instruction, n: int) -> int:
+        """Micro-batches of the wave on its busiest rank (one model call each)."""
+        return min(self.width.get(ins.phase, 1) // n, self.micro_batches(ins))
 
-    def per_rank(ins: Instruction, n: int) -> float:
-        return min(width.get(ins.phase, 1) // n, micro_batches(ins)) * gen
+    def rows_per_call(self, phase: str) -> int:
+        return self.gen * (self.rows if phase == "env" else 1)
 
-    return in_wave, per_rank
+    def wave_bytes(self, ins: Instruction, work: cost.Workload) -> float:
+        return cost.batch_bytes(self.micro_batches(ins) * self.rows_per_call(ins.phase), work)
+
+
+def _generating(ctx: CompileContext) -> set[tuple[str, str]]:
+    """(phase, node) of the env and eval calls that generate: those reading only the
+    flow's input (the policy; a model reading another's output scores it)."""
+    return {(phase, n.name) for phase in ("env", "eval") if phase in ctx.phases
+            for n in ctx.phases[phase].nodes if generates(n, ctx.phases[phase].input)}  # fmt: skip
+
+
+def generates(node, flow_input: str) -> bool:
+    """A call generates when it reads only the flow's input (the policy's call)."""
+    return bool(node.inputs) and all(name == flow_input for name in node.inputs)
 
 
 def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
     work, cluster = ctx.work, ctx.cluster
     bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
     mesh = {m: g.mesh for g in ctx.layout.groups for m in g.models}
-    in_wave, per_rank = _wave_samples(ctx)
-    env = ctx.phases.get("env")
-    generating = {n.name for n in env.nodes if env.input in n.inputs} if env else set()
+    waves = _Waves.of(ctx)
+    generating = _generating(ctx)
 
     def seconds(_: int, ins: Instruction) -> float:
-        wave_samples = in_wave(ins)
         if ins.op == "RUN":
-            model = ins.model
-            n = mesh[model].size
+            spec, n = ctx.specs[ins.model], mesh[ins.model].size
+            generate = (ins.phase, ins.node) in generating
             if ins.phase == "train":
-                samples = work.train_global_batch_size / n
-            else:  # a prompt of the env has num_inference_per_prompt rows (answers)
-                rows = work.rows_per_sample if ins.phase == "env" else 1
-                samples = per_rank(ins, n) * rows
-            generate = ins.phase == "env" and ins.node in generating
-            return cost.run_seconds(ctx.specs[model], samples, generate, work, cluster)
+                return cost.run_seconds(spec, work.train_global_batch_size / n, generate, work,
+                                        cluster)  # fmt: skip
+            calls = waves.per_rank(ins, n)  # one call per micro-batch the rank owns
+            rows = waves.rows_per_call(ins.phase)  # an env prompt has its answers' rows
+            return calls * cost.run_seconds(spec, rows, generate, work, cluster)
         if ins.op == "TRAIN":
             return cost.train_step_seconds(
                 ctx.specs[ins.model].params, mesh[ins.model].ranks, work, cluster
             )
         if ins.op in ("RECV", "GATHER"):
             pairs = min(len(ins.src_ranks), len(ins.dst_ranks)) if ins.op == "RECV" else 1
-            nbytes = cost.batch_bytes(wave_samples, work) / pairs
+            nbytes = waves.wave_bytes(ins, work) / pairs
             return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
         if ins.op == "BCAST":
             total = _sync_bytes(ctx, ins.src, ins.dst)
@@ -393,9 +417,16 @@ def compile_plan(
         ],
         estimates=ctx.simulation.estimates,
         waves=_waves(ctx),
-        notes=[profile.describe(), *ctx.notes] if profile else ctx.notes,
+        notes=_profile_notes(profile, cluster) + ctx.notes,
         max_staleness=config.runtime.max_staleness,
     )
+
+
+def _profile_notes(profile: Profile | None, cluster: ClusterSpec) -> list[str]:
+    if profile is None:
+        return []
+    warning = profile.mismatch(cluster.device, cluster.devices_per_node)
+    return [profile.describe(), *([warning] if warning else [])]
 
 
 def estimate_layout(

@@ -477,7 +477,10 @@ def place(
         if problem is not None:
             rejected.append((layout, *problem))
             continue
-        timed.append((estimate(layout), layout))
+        try:
+            timed.append((estimate(layout), layout))
+        except LayoutError as err:  # found by scheduling (the trainer flow split over groups)
+            rejected.append((layout, err, 0.0))
     if not timed:
         if not rejected:
             raise PlanError(

@@ -3,8 +3,9 @@
 A profile describes one kind of device (a CPU process with its threads, a GPU) and what
 one call of each model's method costs on it, fitted from a traced run at two batch sizes:
 
-- ``calls``: ``seconds = fixed + per_sample x samples`` for a ``RUN`` of one method on one
-  device, measured at ``tokens`` tokens per sample (the answer's length for generation,
+- ``calls``: ``seconds = fixed + per_sample x samples`` for one call of one method on one
+  device (one micro-batch; ``samples`` counts its rows, answers included), measured at
+  ``tokens`` tokens per sample (the answer's length for generation,
   prompt + answer for scoring) and scaled linearly to other lengths;
 - ``train``: the same for one optimizer step of a trainer on one data-parallel rank
   (``samples`` = its share of the global batch), without the gradient all-reduce, which
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowgraph.compiler.cluster import CPU_CORES
 from flowgraph.errors import PlanError
 
 VERSION = 1
@@ -96,9 +98,11 @@ class Profile:
     measured: dict[str, Any] = field(default_factory=dict)  # the profiled run's episodes
     source: str = ""  # the file it was read from
 
-    def call(self, model: str, method: str, phase: str) -> CallCost | None:
-        """The cost of ``model.method`` in ``phase`` (or measured in another phase)."""
-        same = [c for c in self.calls if (c.model, c.method) == (model, method)]
+    def call(self, model: str, method: str, phase: str, generate: bool) -> CallCost | None:
+        """The cost of ``model.method`` generating (or scoring) in ``phase``, or measured
+        doing the same in another phase."""
+        same = [c for c in self.calls
+                if (c.model, c.method, c.generate) == (model, method, generate)]  # fmt: skip
         return next((c for c in same if c.phase == phase), same[0] if same else None)
 
     def trainer(self, model: str) -> TrainCost | None:
@@ -116,6 +120,22 @@ class Profile:
         where = f" {self.source}" if self.source else ""
         return (f"estimates from the profile{where} ({self.devices()}; {len(self.calls)} "
                 f"calls and {len(self.train)} trainers measured)")  # fmt: skip
+
+    def mismatch(self, device: str, devices_per_node: int) -> str | None:
+        """Why this profile may not describe a plan's devices (another thread count per
+        process than a CPU plan's: torchrun gives each of several processes one thread,
+        a lone process gets every core), or ``None``."""
+        if device != "cpu" or self.device != "cpu":
+            return None
+        expected = 1 if devices_per_node > 1 else CPU_CORES
+        if expected == self.threads:
+            return None
+        how = "under torchrun --nproc-per-node N" if expected == 1 else "in one process"
+        return (
+            f"warning: the profile was measured with {self.threads} thread(s) per "
+            f"process, this plan's processes get {expected}: profile {how} "
+            "(flowc profile --nproc-per-node) for estimates of these devices"
+        )
 
     def to_json(self) -> str:
         data = asdict(self)

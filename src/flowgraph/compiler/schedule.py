@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from flowgraph.compiler.placement import Layout
 from flowgraph.compiler.plan import Instruction, NodeSpec, PhaseSpec, RankStream, SyncSpec
-from flowgraph.errors import PlanError
+from flowgraph.errors import LayoutError, PlanError
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ def _graph_phase(b: _Builder, spec: PhaseSpec, phase: str, iterations: int) -> N
                 if producer == spec.input:
                     continue
                 src = b.group_of[spec.node(producer).model]
+                if phase == "train" and src != group:
+                    raise _split_trainer_flow(spec, spec.node(producer), node, b)
                 queue = outgoing[(src, group)]
                 while src != group and (producer, i) not in received:
                     name, j = queue.popleft()
@@ -133,6 +135,21 @@ def _graph_phase(b: _Builder, spec: PhaseSpec, phase: str, iterations: int) -> N
                                       **_index(phase, i)))  # fmt: skip
             for dst in sorted(consumers[node.name] - {group}):
                 b.emit(group, b.transfer("SEND", phase, node.name, i, group, dst))
+
+
+def _split_trainer_flow(spec: PhaseSpec, producer: NodeSpec, consumer: NodeSpec,
+                        b: _Builder) -> LayoutError:  # fmt: skip
+    """The runtime moves no batches between groups inside a global step: the models the
+    trainer flow chains must share ranks."""
+    where = b.streams[b.group_of[producer.model]].name
+    there = b.streams[b.group_of[consumer.model]].name
+    return LayoutError(
+        f"the trainer flow passes %{producer.name} from {producer.model} ({where}) to "
+        f"{consumer.model} ({there}) within a global step "
+        f"({consumer.source or consumer.call_text()})",
+        f"put the models the trainer flow chains on the same ranks: runtime.colocation="
+        f"[[{producer.model}, {consumer.model}], ...]",
+    )
 
 
 def _gather(b: _Builder, spec: PhaseSpec, phase: str, waves: int, dst: int) -> None:

@@ -3,7 +3,9 @@ a gradient all-reduce cost between this job's ranks, through the runtime's own p
 
 Run by every rank at the end of a profiled run (``FLOWGRAPH_PROFILE`` names the output
 directory), while the process group is still up; rank 0 writes ``links.json`` there:
-``{kind: [[bytes, seconds], ...]}`` with the median of a few repetitions per size.
+``{kind: [[bytes, seconds], ...]}`` with the median of a few repetitions per size; the
+bytes are what the compiler charges: a broadcast's or a batch's size, all the batches a
+gather collects, each rank's ring traffic of an all-reduce (``2 B (n-1) / n``).
 
 Example (under torchrun, every rank)::
 
@@ -58,7 +60,12 @@ def measure_links(comm: Communicator) -> dict[str, list[list[float]]]:
 
         for kind, op in (("p2p", p2p), ("gather", gather), ("broadcast", broadcast),
                          ("allreduce", allreduce)):  # fmt: skip
-            results.setdefault(kind, []).append([float(nbytes), _median_seconds(comm, op)])
+            moved = {
+                "gather": nbytes * comm.world_size,  # what the gathered batches hold
+                "allreduce": 2 * nbytes * (comm.world_size - 1) / comm.world_size,
+            }  # ring
+            results.setdefault(kind, []).append([float(moved.get(kind, nbytes)),
+                                                 _median_seconds(comm, op)])  # fmt: skip
     return results
 
 
