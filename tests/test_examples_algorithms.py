@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from flowgraph.cli import main as flowc
-from test_examples import EXAMPLES, QUIET, load_example, metrics_lines, run_script, train_rewards
+from test_examples import (
+    EXAMPLES,
+    QUIET,
+    fp32,
+    load_example,
+    metrics_lines,
+    run_script,
+    train_rewards,
+)
 
 
 def eval_scores(records) -> dict[int, float]:
@@ -87,7 +95,7 @@ def test_the_examples_give_the_same_metrics_on_one_process_and_two_ranks(tmp_pat
         out = tmp_path / f"world{nproc}"
         settings = ["runtime.num_episode=3", "runtime.eval_episode_interval=3",
                     "runtime.progress=false", f"runtime.log_dir={out}"]  # fmt: skip
-        result = run_script(f"{name}.py", *settings, nproc=nproc)
+        result = run_script(f"{name}.py", *settings, *fp32(name), nproc=nproc)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[nproc] = metrics_lines(out)
     assert [r["episode"] for r in runs[2]] == [r["episode"] for r in runs[1]] == [0, 1, 2, 3]
