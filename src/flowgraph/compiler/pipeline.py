@@ -108,6 +108,18 @@ class CompileContext:
     def models(self) -> tuple[str, ...]:
         return tuple(self.program.models)
 
+    @property
+    def micro_batches(self) -> dict[str, int]:
+        """Generation micro-batches per episode of the env and eval phases."""
+        gen = self.config.runtime.generation_batch_size
+        return {"env": math.ceil(self.config.runtime.sample_per_episode / gen),
+                "eval": math.ceil(self.program.eval_samples / gen)}  # fmt: skip
+
+    @property
+    def bucket_bytes(self) -> int:
+        """Bytes of one weight-sync bucket (``runtime.sync_bucket_mb``)."""
+        return self.config.runtime.sync_bucket_mb * 2**20
+
 
 def size_models(ctx: CompileContext) -> None:
     for name, facts in ctx.program.models.items():
@@ -136,40 +148,33 @@ def place_models(ctx: CompileContext) -> None:
         work=ctx.work,
         cluster=ctx.cluster,
         eval_models=frozenset(evaluation.models() if evaluation else ()),
-        eval_microbatches=math.ceil(
-            ctx.program.eval_samples / ctx.config.runtime.generation_batch_size
-        ),
+        eval_microbatches=ctx.micro_batches["eval"],
         producers=producers(graphs),
         syncs=ctx.program.syncs,
     )
 
     def estimate(layout: Layout) -> float:
-        trial = CompileContext(ctx.program, ctx.config, ctx.cluster, ctx.specs, layout,
-                               profile=ctx.profile)  # fmt: skip
-        schedule_streams(trial)
-        simulate_streams(trial)
-        return trial.simulation.estimates.episode_s
+        return _episode_seconds(CompileContext(ctx.program, ctx.config, ctx.cluster, ctx.specs,
+                                               layout, profile=ctx.profile))  # fmt: skip
 
     ctx.layout, ctx.notes = place(request, estimate)
 
 
 def schedule_streams(ctx: CompileContext) -> None:
     work = ctx.work
-    bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
     ctx.syncs = tuple(
-        SyncSpec(src, dst, max(1, math.ceil(_sync_bytes(ctx, src, dst) / bucket_bytes)))
+        SyncSpec(src, dst, max(1, math.ceil(_sync_bytes(ctx, src, dst) / ctx.bucket_bytes)))
         for src, dst in ctx.program.syncs
     )
     mesh_size = {m: g.mesh.size for g in ctx.layout.groups for m in g.models}
     ctx.phases = lower(ctx.program.graphs, mesh_size)
-    gen = work.generation_batch_size
     ctx.streams = schedule(
         ScheduleInput(
             phases=ctx.phases,
             layout=ctx.layout,
             syncs=ctx.syncs,
-            env_microbatches=math.ceil(work.sample_per_episode / gen),
-            eval_microbatches=math.ceil(ctx.program.eval_samples / gen),
+            env_microbatches=ctx.micro_batches["env"],
+            eval_microbatches=ctx.micro_batches["eval"],
             train_steps=work.train_steps,
             offloaded=frozenset(m for m, s in ctx.specs.items() if s.offload),
             max_staleness=ctx.config.runtime.max_staleness,
@@ -181,6 +186,12 @@ def _sync_bytes(ctx: CompileContext, src: str, dst: str) -> float:
     """Bytes one sync writes: the source's parameters in the destination's dtype (the
     sender casts, so that is also what travels)."""
     return ctx.specs[src].params * ctx.specs[dst].value_bytes
+
+
+def _bucket_sent(ctx: CompileContext, ins: Instruction) -> float:
+    """Bytes of bucket ``ins.bucket`` of a weight sync (the last one holds the rest)."""
+    total = _sync_bytes(ctx, ins.src, ins.dst)
+    return min(ctx.bucket_bytes, total - ins.bucket * ctx.bucket_bytes)
 
 
 def simulate_streams(ctx: CompileContext) -> None:
@@ -247,9 +258,7 @@ def _profiled(ctx: CompileContext, analytical: Callable[[int, Instruction], floa
         ):
             return links["gather"].seconds(waves.wave_bytes(ins, work))
         if ins.op == "BCAST" and links["broadcast"] is not None:
-            bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
-            total = _sync_bytes(ctx, ins.src, ins.dst)
-            return links["broadcast"].seconds(min(bucket_bytes, total - ins.bucket * bucket_bytes))
+            return links["broadcast"].seconds(_bucket_sent(ctx, ins))
         if ins.op == "SYNC" and profile.sync_bytes_per_s:
             return _sync_bytes(ctx, ins.src, ins.dst) / profile.sync_bytes_per_s
         return analytical(group, ins)
@@ -300,11 +309,9 @@ class _Waves:
 
     @classmethod
     def of(cls, ctx: CompileContext) -> _Waves:
-        gen = ctx.work.generation_batch_size
-        return cls(gen, ctx.work.rows_per_sample,
+        return cls(ctx.work.generation_batch_size, ctx.work.rows_per_sample,
                    {phase: spec.width for phase, spec in ctx.phases.items()},
-                   {"env": math.ceil(ctx.work.sample_per_episode / gen),
-                    "eval": math.ceil(ctx.program.eval_samples / gen)})  # fmt: skip
+                   ctx.micro_batches)  # fmt: skip
 
     def micro_batches(self, ins: Instruction) -> int:
         wide = self.width.get(ins.phase, 1)
@@ -337,7 +344,6 @@ def generates(node, flow_input: str) -> bool:
 
 def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
     work, cluster = ctx.work, ctx.cluster
-    bucket_bytes = ctx.config.runtime.sync_bucket_mb * 2**20
     mesh = {m: g.mesh for g in ctx.layout.groups for m in g.models}
     waves = _Waves.of(ctx)
     generating = _generating(ctx)
@@ -361,9 +367,8 @@ def _durations(ctx: CompileContext) -> Callable[[int, Instruction], float]:
             nbytes = waves.wave_bytes(ins, work) / pairs
             return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
         if ins.op == "BCAST":
-            total = _sync_bytes(ctx, ins.src, ins.dst)
-            nbytes = min(bucket_bytes, total - ins.bucket * bucket_bytes)
-            return cost.transfer_seconds(nbytes, ins.src_ranks + ins.dst_ranks, cluster)
+            return cost.transfer_seconds(_bucket_sent(ctx, ins), ins.src_ranks + ins.dst_ranks,
+                                         cluster)  # fmt: skip
         if ins.op == "SYNC":
             return _sync_bytes(ctx, ins.src, ins.dst) / (cluster.memcpy_gbps * 1e9)
         if ins.op in ("FREE", "LOAD"):
@@ -439,6 +444,11 @@ def estimate_layout(
     """The estimated episode seconds of ``program`` on a given ``layout``."""
     ctx = CompileContext(program, config, cluster, layout=layout, profile=profile)
     size_models(ctx)
+    return _episode_seconds(ctx)
+
+
+def _episode_seconds(ctx: CompileContext) -> float:
+    """Schedule and simulate ``ctx``'s (sized, placed) layout: its episode seconds."""
     schedule_streams(ctx)
     simulate_streams(ctx)
     return ctx.simulation.estimates.episode_s

@@ -194,12 +194,7 @@ def candidate_layouts(request: PlacementRequest, unit_list: list[tuple[str, ...]
     """The layouts automatic placement compares (before memory is checked), each group
     sized by what its models can use."""
     world = request.cluster.world_size
-    position = {m: i for i, m in enumerate(request.models)}
-
-    def merged(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
-        return tuple(sorted((m for u in parts for m in u), key=position.__getitem__))
-
-    all_models = merged(unit_list)
+    all_models = _merged(request, unit_list)
     n = _size(all_models, world, request)
     if n is None:  # a ZeRO-3 trainer whose steps do not split over every rank: say so
         n = world
@@ -207,7 +202,7 @@ def candidate_layouts(request: PlacementRequest, unit_list: list[tuple[str, ...]
     trainer_units = [u for u in unit_list if any(request.specs[m].trainable for m in u)]
     other_units = [u for u in unit_list if u not in trainer_units]
     if trainer_units and other_units and world > 1:
-        infer, train = merged(other_units), merged(trainer_units)
+        infer, train = _merged(request, other_units), _merged(request, trainer_units)
         infer_cap = fixed_size(infer, request) or min(unit_cap(infer, request), world - 1)
         for point in _split_points(world, infer_cap):
             b = _size(train, world - point, request)
@@ -307,6 +302,7 @@ def _actor_critic(request: PlacementRequest, unit_list: list[tuple[str, ...]]) -
 
 
 def _merged(request: PlacementRequest, parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The models of ``parts`` in first-use order."""
     position = {m: i for i, m in enumerate(request.models)}
     return tuple(sorted((m for u in parts for m in u), key=position.__getitem__))
 
