@@ -28,15 +28,17 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from flowgraph.compiler import cost
-from flowgraph.compiler.cluster import Mesh
+from flowgraph.compiler.cluster import Mesh, format_ranks
 from flowgraph.compiler.pipeline import estimate_layout, generates
 from flowgraph.compiler.placement import Group, Layout
 from flowgraph.compiler.plan import Plan
 from flowgraph.compiler.profile import CallCost, Link, Profile, TrainCost, fit_line
 from flowgraph.config import Config, init, load_config
+from flowgraph.engine import Engine
 from flowgraph.errors import FlowgraphError, ProfileError
 from flowgraph.loader import load_script
 from flowgraph.precision import dtype_bytes
@@ -60,7 +62,7 @@ def profile_script(
     if episodes < WARMUP_EPISODES + 1:
         raise ProfileError(f"--episodes {episodes}: at least {WARMUP_EPISODES + 1} are needed "
                            "(the first one warms up and is not measured)")  # fmt: skip
-    _, chosen = load_script(target, config, overrides)  # errors here, before any launch
+    engine, chosen = load_script(target, config, overrides)  # errors here, before any launch
     base = load_config(chosen.config, overrides).runtime
     variants = {"base": [], "half": _halved(base, nproc)}
     with tempfile.TemporaryDirectory(prefix="flowc-profile-") as tmp:
@@ -72,8 +74,7 @@ def profile_script(
             runs[name] = ProfiledRun.read(directory)
         profile = fit_profile(list(runs.values()))
     profile.measured = runs["base"].measured()
-    profile.measured["estimate_s"] = _estimate_same_plan(target, config, overrides,
-                                                         runs["base"], profile)  # fmt: skip
+    profile.measured["estimate_s"] = _estimate_same_plan(engine, runs["base"], profile)
     profile.save(out)
     profile.source = str(out)
     return profile
@@ -157,13 +158,16 @@ def child_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclass
 class ProfiledRun:
     """One profiled run's files: its plan, config, timeline, links and episode times."""
 
-    def __init__(self, plan: Plan, config: Config, slices: list[dict], links: dict,
-                 walls: dict[int, float], threads: int) -> None:  # fmt: skip
-        self.plan, self.config, self.slices, self.links = plan, config, slices, links
-        self.walls, self.threads = walls, threads
+    plan: Plan
+    config: Config
+    slices: list[dict]
+    links: dict[str, list[list[float]]]
+    walls: dict[int, float]
+    threads: int
 
     @classmethod
     def read(cls, directory: Path) -> ProfiledRun:
@@ -188,7 +192,7 @@ class ProfiledRun:
 
     def measured(self) -> dict:
         walls = [self.walls[e] for e in self.measured_episodes]
-        layout = ", ".join(f"{p.model} {_ranks(p.ranks)}" for p in self.plan.placement)
+        layout = ", ".join(f"{p.model} {format_ranks(p.ranks)}" for p in self.plan.placement)
         return {"episodes_s": walls, "median_s": statistics.median(walls), "layout": layout,
                 "world_size": self.plan.cluster.world_size}  # fmt: skip
 
@@ -271,20 +275,12 @@ def fit_profile(runs: list[ProfiledRun]) -> Profile:
     return profile
 
 
-def _estimate_same_plan(target: str, config: str | None, overrides: list[str],
-                        run: ProfiledRun, profile: Profile) -> float:  # fmt: skip
+def _estimate_same_plan(engine: Engine, run: ProfiledRun, profile: Profile) -> float:
     """The profile's estimate of the plan the base run ran (its layout, its config)."""
-    engine, _ = load_script(target, config, overrides)
     layout = Layout("profiled", tuple(Group(tuple(s.models), Mesh(s.ranks))
                                       for s in run.plan.streams))  # fmt: skip
     program = engine.program(run.config)
     return estimate_layout(program, run.config, run.plan.cluster, layout, profile)
-
-
-def _ranks(ranks) -> str:
-    from flowgraph.compiler.cluster import format_ranks
-
-    return format_ranks(ranks)
 
 
 if __name__ == "__main__":
