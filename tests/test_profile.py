@@ -17,7 +17,7 @@ from flowgraph.config import load_config
 from flowgraph.errors import PlanError, ProfileError
 from flowgraph.loader import load_script
 from flowgraph.profiling import _halved
-from spmd import run_command, torchrun
+from spmd import job_env, run_command, torchrun
 
 ROOT = Path(__file__).parent.parent
 GRPO = str(ROOT / "examples" / "grpo.py")
@@ -222,7 +222,9 @@ def flowc_profile(out: Path, nproc: int, overrides: list[str]) -> dict:
         str(out),
         *overrides,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # the environment run_grpo's measured runs get (spmd.job_env: one thread per process), so
+    # that the profile describes the same device
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=job_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the profile's estimate of that run" in done.stdout
     return json.loads(out.read_text())
